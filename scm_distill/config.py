@@ -1,0 +1,205 @@
+"""One config schema for a distillation run: frozen dataclasses, recipes as YAML overrides, eager validation.
+
+Resolution order: the defaults below <- a recipe (YAML file that only overrides fields) <- command-line flags.
+The resolved config is written to every run directory as `config.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .objective import SCDConfig
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    spec: str = "digits"  # built-in name, image folder, or hf:NAME (see scm_distill.data)
+    split: str = "train"
+    resize_to: int | None = None  # resize short side (bilinear, antialias) + center crop to this size
+    pad_to: int | None = None  # pad symmetrically with black to this size
+    max_items: int | None = None  # use only the first N examples
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    prediction: Literal["auto", "v_prediction", "epsilon", "sample", "flow"] = "auto"  # auto: v (VP), flow (flow)
+    dropout: float = 0.0  # sCD uses 0 (paper); non-zero runs both passes on one seeded RNG stream
+    logvar_channels: int = 128  # width of the adaptive-weighting head's time features
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: Literal["radam", "adam", "adamw"] = "radam"
+    lr: float = 1e-4  # paper: ~1e-4 for small models; ImageNet: teacher lr x 0.01
+    betas: tuple[float, float] = (0.9, 0.99)  # paper
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    warmup_steps: int = 0  # linear learning-rate warmup
+    decay: Literal["constant", "inverse_sqrt"] = "constant"  # inverse_sqrt: lr / sqrt(max(step / ref, 1))
+    decay_ref_steps: int = 10_000
+    grad_clip: float | None = None  # max global gradient norm (None: no clipping)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int = 64  # per process
+    max_steps: int = 2_000  # sCD optimizer steps (after the conversion steps)
+    convert_steps: int = 200  # warm-start steps regressing the student's F onto the teacher's (0 to skip)
+    seed: int = 0
+    mixed_precision: Literal["no", "bf16"] = "no"
+    ema_halflife_kimg: float = 500.0  # EMA half-life in thousands of samples (paper CIFAR-10: 0.5 Mimg)
+    ema_rampup_ratio: float | None = 0.05  # half-life <= ratio x samples seen (None: no ramp-up)
+    checkpoint_every: int = 500  # steps; 0 disables intermediate checkpoints
+    keep_checkpoints: int = 2  # newest checkpoints kept on disk
+    sample_every: int = 500  # steps between teacher-vs-student sample grids; 0 disables
+    log_every: int = 10  # steps between log.jsonl records
+    max_nonfinite_in_a_row: int = 20  # stop the run after this many skipped (non-finite) steps in a row
+    num_workers: int = 0  # DataLoader workers
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    sigma_max: float = 80.0  # t_max = arctan(sigma_max / sigma_d), clamped to the teacher's range (Sec. 5.2)
+    t_mid: float = 1.1  # intermediate time of the 2-step sampler (paper, all experiments)
+    teacher_steps: int = 100  # steps of the teacher's own (DDIM) sampler in grids and reports
+    grid_size: int = 16  # images per row in sample grids
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    eval_samples: int = 0  # samples for the model card's Frechet distance (0: report speed only)
+    base_model_id: str | None = None  # Hub id of the teacher for the model card (default: the --teacher value)
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    teacher: str = ""  # local pipeline folder or Hub id
+    output: str = ""  # run directory
+    sigma_data: float = 0.5  # TrigFlow sigma_d (paper: 0.5 for pixels; measured for latents)
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: SCDConfig = field(default_factory=SCDConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+
+def to_dict(config: Any) -> dict:
+    return dataclasses.asdict(config)
+
+
+def _coerce(value: Any, hint: Any, name: str) -> Any:
+    """Check a YAML/CLI value against a field's type hint; tuples from lists, ints accepted for floats."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"config field '{name}' must be one of {list(args)}, got {value!r}.")
+        return value
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], name)
+    if origin is tuple:
+        if not isinstance(value, list | tuple) or len(value) != len(args):
+            raise ValueError(f"config field '{name}' must be a list of {len(args)} values, got {value!r}.")
+        return tuple(_coerce(v, a, name) for v, a in zip(value, args, strict=True))
+    if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, str, bool) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
+        raise ValueError(f"config field '{name}' must be {hint.__name__}, got {value!r}.")
+    return value
+
+
+def override(config: Any, updates: dict, prefix: str = "") -> Any:
+    """A copy of a frozen dataclass with nested `updates` applied; unknown fields are errors."""
+    hints = typing.get_type_hints(type(config))
+    changes = {}
+    for key, value in updates.items():
+        name = f"{prefix}{key}"
+        if key not in hints:
+            raise ValueError(f"unknown config field '{name}'.")
+        current = getattr(config, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ValueError(f"config section '{name}' must be a mapping, got {value!r}.")
+            changes[key] = override(current, value, prefix=f"{name}.")
+        else:
+            changes[key] = _coerce(value, hints[key], name)
+    return dataclasses.replace(config, **changes)
+
+
+def load_recipe(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe file '{path}' does not exist.")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ValueError(f"recipe '{path}' is not valid YAML ({error.__class__.__name__}).") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"recipe '{path}' must be a mapping of config fields.")
+    return data
+
+
+def dotted_to_nested(assignments: list[str]) -> dict:
+    """['train.lr=1e-4', ...] -> {'train': {'lr': 1e-4}}; values are parsed as YAML scalars."""
+    nested: dict = {}
+    for item in assignments:
+        if "=" not in item:
+            raise ValueError(f"--set expects FIELD=VALUE, got '{item}'.")
+        key, raw = item.split("=", 1)
+        *parents, leaf = key.strip().split(".")
+        node = nested
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = yaml.safe_load(raw)
+    return nested
+
+
+def validate(config: DistillConfig) -> DistillConfig:
+    """Eager checks with one-sentence errors."""
+    checks = [
+        (bool(config.teacher), "a teacher is required (--teacher PATH_OR_ID)."),
+        (bool(config.output), "an output directory is required (--output DIR)."),
+        (config.sigma_data > 0, f"sigma_data must be positive, got {config.sigma_data}."),
+        (config.train.batch_size >= 1, f"train.batch_size must be at least 1, got {config.train.batch_size}."),
+        (config.train.max_steps >= 0, f"train.max_steps must be non-negative, got {config.train.max_steps}."),
+        (config.train.convert_steps >= 0, "train.convert_steps must be non-negative."),
+        (config.optim.lr > 0, f"optim.lr must be positive, got {config.optim.lr}."),
+        (config.objective.P_std > 0, f"objective.P_std must be positive, got {config.objective.P_std}."),
+        (config.objective.tangent_norm_c >= 0, "objective.tangent_norm_c must be non-negative."),
+        (0 <= config.student.dropout < 1, f"student.dropout must be in [0, 1), got {config.student.dropout}."),
+        (0 < config.sampling.t_mid < 1.5708, f"sampling.t_mid must be in (0, pi/2), got {config.sampling.t_mid}."),
+        (config.sampling.sigma_max > 0, "sampling.sigma_max must be positive."),
+        (config.train.ema_halflife_kimg > 0, "train.ema_halflife_kimg must be positive."),
+        (config.sampling.teacher_steps >= 1, "sampling.teacher_steps must be at least 1."),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+    return config
+
+
+def resolve(recipe: str | None = None, cli: dict | None = None, sets: list[str] | None = None) -> DistillConfig:
+    """Defaults <- recipe <- --set FIELD=VALUE <- explicit CLI flags, then validated."""
+    config = DistillConfig()
+    if recipe:
+        config = override(config, load_recipe(recipe))
+    if sets:
+        config = override(config, dotted_to_nested(sets))
+    if cli:
+        config = override(config, cli)
+    return validate(config)
+
+
+def config_from_json(path: str | Path) -> DistillConfig:
+    return validate(override(DistillConfig(), json.loads(Path(path).read_text())))

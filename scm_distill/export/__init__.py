@@ -1,0 +1,1 @@
+"""Exporting students: pipeline folders, model cards, publishing to the Hub."""

@@ -1,0 +1,94 @@
+"""The teacher interface: one adapter per model family, behind which the trainer never looks.
+
+A `Teacher` owns a frozen `NativeModel` (its network read in TrigFlow), knows the shape of the space it works
+in (pixels or latents), turns a data batch into (x0, condition), decodes samples to images, and exports a
+trained student network as a pipeline folder of its own family.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from ..parameterization import Condition, NativeModel
+
+
+@dataclass(frozen=True)
+class ExportInfo:
+    """What an exporter writes next to the weights: the sampler's schedule and the model card's facts."""
+
+    sigma_data: float
+    t_max: float
+    t_mid: float
+    base_model: str  # Hub id or path of the teacher
+    card_facts: dict  # measured quality and speed, steps, run facts (rendered into README.md)
+    sample_grid: Path | None = None  # PNG copied into the export and shown in the card
+
+
+class Teacher(ABC):
+    """A loaded teacher of one family. Subclasses set `family` and `description` and implement the hooks."""
+
+    family: ClassVar[str]  # short name, e.g. "unet2d-vp"
+    description: ClassVar[str]  # one line for the list of supported families
+
+    model: NativeModel
+    source: str  # what the user passed as --teacher
+    folder: Path  # local folder of the pipeline
+
+    @classmethod
+    @abstractmethod
+    def matches(cls, model_index: dict) -> bool:
+        """Whether a pipeline's model_index.json belongs to this family."""
+
+    @classmethod
+    @abstractmethod
+    def from_pretrained(cls, folder: Path, source: str, sigma_d: float, device: torch.device,
+                        dtype: torch.dtype) -> Teacher:  # fmt: skip
+        """Load the teacher's components from a local pipeline folder."""
+
+    @property
+    @abstractmethod
+    def sample_shape(self) -> tuple[int, ...]:
+        """Shape of one x0 in the space the consistency model works in, e.g. (C, H, W)."""
+
+    @abstractmethod
+    def check_data(self, images: Any) -> None:
+        """Raise a one-sentence ValueError when a data set cannot feed this teacher."""
+
+    @abstractmethod
+    def prepare_batch(self, batch: dict) -> tuple[Tensor, Condition]:
+        """Data batch -> (x0 in the model's space [B, ...], condition)."""
+
+    @abstractmethod
+    def decode(self, x0: Tensor) -> Tensor:
+        """Samples in the model's space -> images in [-1, 1], [B, C, H, W]."""
+
+    @abstractmethod
+    def sample_condition(self, batch_size: int, generator: torch.Generator) -> Condition:
+        """Condition for unconditional/class-conditional sample grids and evaluation."""
+
+    @abstractmethod
+    def export(self, network: torch.nn.Module, folder: Path, info: ExportInfo) -> None:
+        """Write a pipeline folder (into an empty `folder`) that samples with the student in 2 steps."""
+
+
+def read_model_index(folder: Path) -> dict:
+    path = Path(folder) / "model_index.json"
+    if not path.is_file():
+        raise ValueError(f"'{folder}' is not a diffusers pipeline folder (no model_index.json).")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise ValueError(f"'{path}' is not valid JSON.") from None
+
+
+def component_class(model_index: dict, name: str) -> str | None:
+    """Class name of a pipeline component ('unet': ['diffusers', 'UNet2DModel'] -> 'UNet2DModel')."""
+    entry = model_index.get(name)
+    return entry[1] if isinstance(entry, list) and len(entry) == 2 else None

@@ -1,0 +1,23 @@
+"""Optimizer and learning-rate schedule from the config (paper: RAdam/Adam, betas (0.9, 0.99))."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from .config import OptimConfig
+
+OPTIMIZERS = {"radam": torch.optim.RAdam, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+
+
+def make_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
+    return OPTIMIZERS[cfg.name](params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+
+
+# lr(step) = lr * min(1, step / warmup) / sqrt(max(step / ref, 1)) for inverse_sqrt (EDM2-style decay).
+def learning_rate(step: int, cfg: OptimConfig) -> float:
+    lr = cfg.lr * (min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else 1.0)
+    if cfg.decay == "inverse_sqrt":
+        lr /= max(step / cfg.decay_ref_steps, 1.0) ** 0.5
+    return lr

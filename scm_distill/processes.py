@@ -1,0 +1,84 @@
+"""Teacher processes x' = alpha x0 + sigma eps, each an exact reparameterization of TrigFlow time t.
+
+arXiv 2410.11081v2 App. B.2 (Eq. 29-30). A process says, for TrigFlow time t: the native (alpha, sigma), the
+time value its network takes (`network_time`), the TrigFlow range its network was trained on, and the time grid
+of its own multi-step sampler. All maps are differentiable in t (the JVP differentiates through them).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from .trigflow import vp_alpha_sigma
+
+
+class Process(Protocol):
+    """What every teacher process provides; t is TrigFlow time [B]."""
+
+    t_min: float  # smallest TrigFlow time the network was trained on
+    t_max: float  # largest TrigFlow time the network was trained on
+
+    def alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]: ...
+
+    def network_time(self, t: Tensor) -> Tensor: ...
+
+    def time_grid(self, num_steps: int) -> list[float]: ...
+
+
+def _interp_index(value: Tensor, table: Tensor) -> Tensor:
+    """Continuous index i such that table(i) = value, linear between entries of an increasing table."""
+    hi = torch.searchsorted(table, value.detach().contiguous()).clamp(1, table.numel() - 1)
+    lo = hi - 1
+    w = (value - table[lo]) / (table[hi] - table[lo])
+    return lo.to(value.dtype) + w
+
+
+class VPProcess(torch.nn.Module):
+    """Discrete variance-preserving schedule (DDPM family): alpha^2 = alphas_cumprod[tau], sigma^2 = 1 - alpha^2.
+
+    Continuous teacher time tau(t) interpolates log sigma_edm(tau) = 0.5 log((1 - ab) / ab) linearly over tau
+    (METHOD.md §2); (alpha, sigma) themselves are exact functions of t, so the map to TrigFlow stays affine-exact.
+    """
+
+    def __init__(self, alphas_cumprod: Tensor, sigma_d: float):
+        super().__init__()
+        ab = alphas_cumprod.double()
+        log_sigma_edm = 0.5 * (torch.log1p(-ab) - torch.log(ab))  # [T], increasing in tau
+        if not bool((log_sigma_edm[1:] > log_sigma_edm[:-1]).all()):
+            raise ValueError("alphas_cumprod must be strictly decreasing to define a continuous teacher time.")
+        self.register_buffer("log_sigma_edm", log_sigma_edm, persistent=False)
+        self.sigma_d = sigma_d
+        self.num_train_timesteps = ab.numel()
+        self.t_min = math.atan(math.exp(log_sigma_edm[0].item()) / sigma_d)
+        self.t_max = math.atan(math.exp(log_sigma_edm[-1].item()) / sigma_d)
+
+    def alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        return vp_alpha_sigma(t, self.sigma_d)
+
+    # tau(t): invert log sigma_edm(tau) = log(sigma_d tan t) by linear interpolation (METHOD.md §2).
+    def network_time(self, t: Tensor) -> Tensor:
+        log_sigma = torch.log(self.sigma_d * torch.tan(t))
+        return _interp_index(log_sigma, self.log_sigma_edm.to(t.dtype))
+
+    # TrigFlow time of a (possibly fractional) discrete timestep tau.
+    def t_at(self, tau: Tensor) -> Tensor:
+        i = tau.clamp(0, self.num_train_timesteps - 1)
+        lo = i.floor().long().clamp(max=self.num_train_timesteps - 2)
+        log_sigma = torch.lerp(self.log_sigma_edm[lo], self.log_sigma_edm[lo + 1], (i - lo).double())
+        return torch.atan(torch.exp(log_sigma) / self.sigma_d)
+
+    # "trailing" spacing: the first step starts at the last training timestep (DDIM with few steps needs it).
+    def time_grid(self, num_steps: int) -> list[float]:
+        T = self.num_train_timesteps
+        tau = torch.round(torch.arange(T, 0, -T / num_steps, dtype=torch.float64)) - 1
+        return self.t_at(tau).tolist()
+
+
+def clamp_time(t: Tensor, process: Process) -> Tensor:
+    """Clamp TrigFlow times into the range the process's network was trained on."""
+    return t.clamp(process.t_min, process.t_max)
+

@@ -1,0 +1,232 @@
+"""The distillation run on accelerate: set-up helpers, then one training loop with no math in it.
+
+Works unchanged in one CPU process, on one GPU and under `accelerate launch` (DDP). The JVP runs on the
+unwrapped student (through the DDP wrapper torch.func.jvp breaks on the second step); the gradient pass goes
+through the wrapper. Every step re-seeds its randomness from (seed, rank, step) and draws its batch from a
+pure function of the step, so `--resume latest` continues with exactly the losses of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from .checkpoint import check_state_dict, checkpoint_name, load_checkpoint, prune_checkpoints, save_checkpoint
+from .config import DistillConfig
+from .data import ImageSet, batch_indices, collate, load_images
+from .ema import EMA, ema_beta
+from .export.pipeline import export_pipeline
+from .families import ExportInfo, Teacher, load_teacher
+from .generate import consistency_samples, sampling_times, teacher_samples
+from .grids import labelled_rows, save_png, to_uint8
+from .objective import FRegressionLoss, SCDLoss
+from .optim import learning_rate, make_optimizer
+from .run_dir import check_output, start_run_dir
+from .student import Student, student_from_teacher
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """Seed of one process's randomness at one optimizer step (resume-exact, distinct across ranks)."""
+    return (seed * 1_000_003 + step) * 1_009 + rank
+
+
+class StepBatches:
+    """Batch sampler: the indices of steps start..total-1 of one rank, computed lazily from the step number."""
+
+    def __init__(self, num_items: int, start: int, total: int, batch_size: int, seed: int, rank: int, world: int):
+        self.num_items, self.start, self.total = num_items, start, total
+        self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
+
+    def __len__(self) -> int:
+        return self.total - self.start
+
+    def __iter__(self):
+        for step in range(self.start, self.total):
+            yield batch_indices(step, self.batch_size, self.num_items, self.seed, self.rank, self.world).tolist()
+
+
+@dataclass
+class RunState:
+    """Counters saved with each checkpoint."""
+
+    step: int = 0
+    samples_seen: int = 0
+    skipped_total: int = 0
+    skipped_in_a_row: int = 0
+    train_seconds: float = 0.0
+
+
+def setup(config: DistillConfig, accelerator: Accelerator, teacher: Teacher | None) -> tuple[Teacher, ImageSet]:
+    """Load and check the teacher and the data (before the output folder is touched)."""
+    if teacher is None:
+        teacher = load_teacher(config.teacher, config.sigma_data, accelerator.device)
+    data = load_images(config.data.spec, split=config.data.split, resize_to=config.data.resize_to,
+                       pad_to=config.data.pad_to, max_items=config.data.max_items)  # fmt: skip
+    teacher.check_data(data)
+    return teacher, data
+
+
+def make_student(config: DistillConfig, teacher: Teacher) -> Student:
+    prediction = None if config.student.prediction == "auto" else config.student.prediction
+    return student_from_teacher(teacher.model, prediction, config.student.dropout, config.student.logvar_channels)
+
+
+def restore(checkpoint: Path, student: Student, ema: EMA, optimizer: torch.optim.Optimizer) -> RunState:
+    weights, ema_weights, optimizer_state, state = load_checkpoint(checkpoint)
+    check_state_dict(weights, student.state_dict(), f"checkpoint '{checkpoint}'")
+    check_state_dict(ema_weights, ema.state_dict(), f"checkpoint '{checkpoint}' (EMA)")
+    student.load_state_dict(weights)
+    ema.load_state_dict(ema_weights)
+    try:
+        optimizer.load_state_dict(optimizer_state)
+    except (ValueError, KeyError) as error:
+        raise ValueError(f"checkpoint '{checkpoint}' has an optimizer state that does not match ({error}).") from None
+    return RunState(**{k: state[k] for k in RunState.__dataclass_fields__})
+
+
+class SampleGrids:
+    """Teacher vs student samples on fixed noise, written every `sample_every` steps."""
+
+    def __init__(self, config: DistillConfig, teacher: Teacher, device: torch.device):
+        self.config, self.teacher, self.device = config, teacher, device
+        self.n = config.sampling.grid_size
+        self.shape = (self.n, *teacher.sample_shape)
+        self.condition = teacher.sample_condition(self.n, torch.Generator().manual_seed(config.train.seed))
+        self.teacher_row = None
+
+    def _generator(self) -> torch.Generator:
+        return torch.Generator(self.device).manual_seed(self.config.train.seed)
+
+    def write(self, student: Student, path: Path) -> Path:
+        cfg = self.config.sampling
+        t_max, t_mid = sampling_times(cfg, student.model)
+        if self.teacher_row is None:
+            x0 = teacher_samples(self.teacher.model, self.shape, cfg.teacher_steps, self._generator(),
+                                 self.condition, self.device)  # fmt: skip
+            self.teacher_row = to_uint8(self.teacher.decode(x0))
+        rows = {f"teacher, {cfg.teacher_steps} steps": self.teacher_row}
+        for steps in (2, 1):
+            x0 = consistency_samples(student.model, self.shape, steps, t_max, t_mid, self._generator(),
+                                     self.condition, self.device)  # fmt: skip
+            rows[f"student (EMA), {steps} step{'s' * (steps > 1)}"] = to_uint8(self.teacher.decode(x0))
+        return save_png(labelled_rows(rows, columns=self.n), path)
+
+
+def distill(config: DistillConfig, resume: str | None = None, overwrite: bool = False,
+            teacher: Teacher | None = None) -> Path:  # fmt: skip
+    """Run sCD for `config`; returns the folder of the exported pipeline. See the module docstring."""
+    accelerator = Accelerator(mixed_precision=config.train.mixed_precision)
+    main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
+    teacher, data = setup(config, accelerator, teacher)
+    checkpoint = check_output(config, resume, overwrite)
+    accelerator.wait_for_everyone()
+    run_dir = start_run_dir(config, checkpoint is not None, overwrite) if main else Path(config.output)
+    accelerator.wait_for_everyone()
+
+    student = make_student(config, teacher).to(accelerator.device)
+    ema = EMA(student)
+    optimizer = make_optimizer(student.parameters(), config.optim)
+    state = restore(checkpoint, student, ema, optimizer) if checkpoint else RunState()
+    student_ddp, optimizer = accelerator.prepare(student, optimizer)
+
+    train = config.train
+    convert_steps = train.convert_steps if student.model.prediction != teacher.model.prediction else 0
+    total = convert_steps + train.max_steps
+    losses = {"convert": FRegressionLoss(teacher.model, config.objective),
+              "scd": SCDLoss(teacher.model, config.objective)}  # fmt: skip
+    grids = SampleGrids(config, teacher, accelerator.device) if main and train.sample_every > 0 else None
+    log = open(run_dir / "log.jsonl", "a") if main else None  # noqa: SIM115 - closed at the end of the loop
+    order = StepBatches(len(data), state.step, total, train.batch_size, train.seed, rank, world)
+    loader = torch.utils.data.DataLoader(data, batch_sampler=order, collate_fn=collate, num_workers=train.num_workers)
+    bar = tqdm(total=total, initial=state.step, disable=not main, desc="distill", dynamic_ncols=True)
+    shown_loss, started = math.nan, time.time() - state.train_seconds
+
+    for batch in loader:
+        step = state.step
+        phase = "convert" if step < convert_steps else "scd"
+        x0, condition = teacher.prepare_batch(batch)
+        generator = torch.Generator().manual_seed(step_seed(train.seed, rank, step))
+        with accelerator.autocast():
+            loss, _ = losses[phase](student, student_ddp, x0, condition, step - convert_steps, generator)
+        loss = loss.mean()
+        accelerator.backward(loss)
+        grad_norm = accelerator.clip_grad_norm_(student_ddp.parameters(), train_clip(config))
+        loss_value = accelerator.reduce(loss.detach(), "mean").item()
+        finite = math.isfinite(loss_value) and math.isfinite(float(grad_norm))
+        if finite:
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, config.optim)
+            optimizer.step()
+            state.samples_seen += train.batch_size * world
+            ema.update(student, ema_beta(train.batch_size * world, state.samples_seen, train.ema_halflife_kimg,
+                                         train.ema_rampup_ratio))  # fmt: skip
+            state.skipped_in_a_row = 0
+        else:
+            state.skipped_total += 1
+            state.skipped_in_a_row += 1
+            if state.skipped_in_a_row >= train.max_nonfinite_in_a_row:
+                raise NonFiniteError(f"{state.skipped_in_a_row} steps in a row had a non-finite loss or gradient "
+                                     f"(at step {step}); lower optim.lr or check the teacher and data.")  # fmt: skip
+        optimizer.zero_grad(set_to_none=True)
+        state.step = step + 1
+        state.train_seconds = time.time() - started
+
+        shown_loss = loss_value if math.isnan(shown_loss) or not finite else 0.9 * shown_loss + 0.1 * loss_value
+        bar.set_postfix(phase=phase, loss=f"{shown_loss:.4f}", skipped=state.skipped_total, refresh=False)
+        bar.update(1)
+        if log and (state.step % train.log_every == 0 or state.step == total):
+            record = {"step": state.step, "phase": phase, "loss": loss_value, "grad_norm": float(grad_norm),
+                      "lr": learning_rate(step, config.optim), "skipped": state.skipped_total,
+                      "seconds": round(state.train_seconds, 3)}  # fmt: skip
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+        if grids and (state.step % train.sample_every == 0 or state.step == total):
+            grids.write(ema.module, run_dir / "samples" / f"{checkpoint_name(state.step)}.png")
+        if (train.checkpoint_every and state.step % train.checkpoint_every == 0) or state.step == total:
+            if main:
+                save_checkpoint(run_dir / "checkpoints" / checkpoint_name(state.step), student.state_dict(),
+                                ema.state_dict(), optimizer.state_dict(), vars(state))  # fmt: skip
+                prune_checkpoints(run_dir, train.keep_checkpoints)
+            accelerator.wait_for_everyone()
+    bar.close()
+    if log:
+        log.close()
+
+    export_dir = run_dir / "pipeline"
+    if main:
+        export_student(config, teacher, ema.module, export_dir, run_dir, state)
+    accelerator.wait_for_everyone()
+    return export_dir
+
+
+def train_clip(config: DistillConfig) -> float:
+    return config.optim.grad_clip if config.optim.grad_clip is not None else math.inf
+
+
+def export_student(config: DistillConfig, teacher: Teacher, student: Student, export_dir: Path, run_dir: Path,
+                   state: RunState) -> Path:  # fmt: skip
+    """Export the EMA student with the run's facts in the model card."""
+    t_max, t_mid = sampling_times(config.sampling, student.model)
+    grids = sorted((run_dir / "samples").glob("*.png")) if (run_dir / "samples").is_dir() else []
+    facts = {
+        "teacher": config.teacher,
+        "data": config.data.spec,
+        "sCD steps x batch": f"{config.train.max_steps} x {config.train.batch_size}",
+        "training time": f"{state.train_seconds / 60:.1f} min",
+        "skipped (non-finite) steps": state.skipped_total,
+    }
+    info = ExportInfo(sigma_data=config.sigma_data, t_max=t_max, t_mid=t_mid,
+                      base_model=config.export.base_model_id or config.teacher, card_facts=facts,
+                      sample_grid=grids[-1] if grids else None)  # fmt: skip
+    return export_pipeline(teacher, student.network, export_dir, info)
