@@ -8,12 +8,12 @@ of its own multi-step sampler. All maps are differentiable in t (the JVP differe
 from __future__ import annotations
 
 import math
-from typing import Protocol
+from typing import Literal, Protocol
 
 import torch
 from torch import Tensor
 
-from .trigflow import vp_alpha_sigma
+from .trigflow import edm_alpha_sigma, vp_alpha_sigma
 
 
 class Process(Protocol):
@@ -82,3 +82,45 @@ def clamp_time(t: Tensor, process: Process) -> Tensor:
     """Clamp TrigFlow times into the range the process's network was trained on."""
     return t.clamp(process.t_min, process.t_max)
 
+
+
+TimeInput = Literal["index", "sigma", "c_noise"]
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, num_steps: int, rho: float = 7.0) -> Tensor:
+    """EDM's sampling grid sigma_i = (max^(1/rho) + i/(n-1) (min^(1/rho) - max^(1/rho)))^rho (Karras et al. Eq. 5)."""
+    ramp = torch.linspace(0, 1, num_steps, dtype=torch.float64)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (hi + ramp * (lo - hi)) ** rho
+
+
+class SigmaProcess(torch.nn.Module):
+    """Variance-exploding / EDM process x' = x0 + sigma eps (alpha = 1, sigma = sigma_d tan t).
+
+    The network's time input is the noise level itself ("sigma"), EDM's c_noise = log(sigma) / 4 ("c_noise"),
+    or the continuous index into an increasing table of discrete sigmas ("index").
+    """
+
+    def __init__(self, sigmas: Tensor, sigma_d: float, time_input: TimeInput = "sigma"):
+        super().__init__()
+        log_sigmas = torch.log(sigmas.double())
+        if not bool((log_sigmas[1:] > log_sigmas[:-1]).all()):
+            raise ValueError("sigmas must be strictly increasing.")
+        self.register_buffer("log_sigmas", log_sigmas, persistent=False)
+        self.sigma_d, self.time_input = sigma_d, time_input
+        self.t_min = math.atan(math.exp(log_sigmas[0].item()) / sigma_d)
+        self.t_max = math.atan(math.exp(log_sigmas[-1].item()) / sigma_d)
+
+    def alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        return edm_alpha_sigma(t, self.sigma_d)
+
+    def network_time(self, t: Tensor) -> Tensor:
+        log_sigma = torch.log(self.sigma_d * torch.tan(t))
+        if self.time_input == "index":
+            return _interp_index(log_sigma, self.log_sigmas.to(t.dtype))
+        return torch.exp(log_sigma) if self.time_input == "sigma" else log_sigma / 4
+
+    # EDM's rho = 7 grid between the table's ends.
+    def time_grid(self, num_steps: int) -> list[float]:
+        lo, hi = math.exp(self.log_sigmas[0].item()), math.exp(self.log_sigmas[-1].item())
+        return torch.atan(karras_sigmas(lo, hi, num_steps) / self.sigma_d).tolist()

@@ -20,11 +20,14 @@ import torch
 from torch import Tensor, nn
 
 from .parameterization import Condition, NativeModel, Prediction
+from .processes import VPProcess
 
 
-# Student prediction type for a teacher's: eps/sample/v teachers of a VP process -> v; flow stays flow.
-def student_prediction(teacher_prediction: Prediction) -> Prediction:
-    return "flow" if teacher_prediction == "flow" else "v_prediction"
+# Student prediction type: v on a VP process (any teacher prediction), flow stays flow, others keep the teacher's.
+def student_prediction(teacher: NativeModel) -> Prediction:
+    if teacher.prediction == "flow":
+        return "flow"
+    return "v_prediction" if isinstance(teacher.process, VPProcess) else teacher.prediction
 
 
 class LogvarHead(nn.Module):
@@ -81,7 +84,7 @@ def student_from_teacher(
     model = NativeModel(
         network,
         teacher.process,
-        prediction or student_prediction(teacher.prediction),
+        prediction or student_prediction(teacher),
         teacher.sigma_d,
         teacher.network_call,
     )

@@ -228,5 +228,5 @@ def export_student(config: DistillConfig, teacher: Teacher, student: Student, ex
     }
     info = ExportInfo(sigma_data=config.sigma_data, t_max=t_max, t_mid=t_mid,
                       base_model=config.export.base_model_id or config.teacher, card_facts=facts,
-                      sample_grid=grids[-1] if grids else None)  # fmt: skip
+                      sample_grid=grids[-1] if grids else None, prediction=student.model.prediction)  # fmt: skip
     return export_pipeline(teacher, student.network, export_dir, info)

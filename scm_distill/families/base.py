@@ -28,6 +28,7 @@ class ExportInfo:
     t_mid: float
     base_model: str  # Hub id or path of the teacher
     card_facts: dict  # measured quality and speed, steps, run facts (rendered into README.md)
+    prediction: str = "v_prediction"  # how the exported student network's output is read
     sample_grid: Path | None = None  # PNG copied into the export and shown in the card
 
 

@@ -16,6 +16,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from torch import Tensor
 
+from ..data import check_compatible
 from ..export.card import write_model_card
 from ..parameterization import Condition, NativeModel, freeze, unet2d_call
 from .base import ExportInfo, Teacher, component_class
@@ -61,11 +62,7 @@ class UNet2DTeacher(Teacher):
         return self.unet.config.num_class_embeds
 
     def check_data(self, images) -> None:
-        C, H, W = self.sample_shape
-        if images.channels != C or tuple(images.resolution) != (H, W):
-            raise ValueError(f"data '{images.name}' has {images.channels} channel(s) at {images.resolution[0]}x"
-                             f"{images.resolution[1]} but the teacher expects {C} at {H}x{W}; set data.resize_to "
-                             f"or data.pad_to.")  # fmt: skip
+        check_compatible(images, self.sample_shape[0], self.sample_shape[1:])
         if self.num_classes is not None and images.num_classes is None:
             raise ValueError(f"the teacher is class-conditional but data '{images.name}' has no labels.")
 
@@ -87,7 +84,9 @@ class UNet2DTeacher(Teacher):
     def export(self, network: torch.nn.Module, folder: Path, info: ExportInfo) -> None:
         if self.num_classes is not None:
             raise NotImplementedError("export of class-conditional UNet2DModel students is not supported yet.")
-        network.to(torch.float32).save_pretrained(folder / "unet", safe_serialization=True)
+        if info.prediction != "v_prediction":
+            raise NotImplementedError(f"the UNet2DModel export needs a v-prediction student, not {info.prediction}.")
+        network.save_pretrained(folder / "unet", safe_serialization=True)
         schedule = vp_schedule_config(self.scheduler_config)
         DDPMScheduler(**schedule, prediction_type="v_prediction", clip_sample=False).save_pretrained(
             folder / "scheduler"
