@@ -63,8 +63,8 @@ def run_distill(args) -> int:
         return 0
     from .trainer import distill
 
-    export = distill(config, resume=args.resume, overwrite=args.overwrite)
-    print(f"exported: {export}")
+    result = distill(config, resume=args.resume, overwrite=args.overwrite)
+    print(f"exported: {result.export_dir}")
     return 0
 
 

@@ -112,8 +112,11 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
         if not isinstance(value, list | tuple) or len(value) != len(args):
             raise ValueError(f"config field '{name}' must be a list of {len(args)} values, got {value!r}.")
         return tuple(_coerce(v, a, name) for v, a in zip(value, args, strict=True))
-    if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
+    if hint is float and not isinstance(value, bool):
+        try:  # YAML 1.1 reads "3e-4" (no dot) as a string
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"config field '{name}' must be a number, got {value!r}.") from None
     if hint in (int, str, bool) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
         raise ValueError(f"config field '{name}' must be {hint.__name__}, got {value!r}.")
     return value

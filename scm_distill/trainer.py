@@ -123,10 +123,20 @@ class SampleGrids:
         return save_png(labelled_rows(rows, columns=self.n), path)
 
 
+@dataclass
+class DistillResult:
+    run_dir: Path
+    export_dir: Path
+    student: Student  # this process's trained (unwrapped) student
+    ema: Student  # the EMA student, the exported weights
+    state: RunState
+
+
 def distill(config: DistillConfig, resume: str | None = None, overwrite: bool = False,
-            teacher: Teacher | None = None) -> Path:  # fmt: skip
-    """Run sCD for `config`; returns the folder of the exported pipeline. See the module docstring."""
-    accelerator = Accelerator(mixed_precision=config.train.mixed_precision)
+            teacher: Teacher | None = None) -> DistillResult:  # fmt: skip
+    """Run sCD for `config` and export the EMA student to OUTPUT/pipeline. See the module docstring."""
+    # cpu=True without CUDA: under torchrun that is accelerate's multi-CPU (gloo) mode, not N independent runs
+    accelerator = Accelerator(mixed_precision=config.train.mixed_precision, cpu=not torch.cuda.is_available())
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     teacher, data = setup(config, accelerator, teacher)
     checkpoint = check_output(config, resume, overwrite)
@@ -138,6 +148,8 @@ def distill(config: DistillConfig, resume: str | None = None, overwrite: bool = 
     ema = EMA(student)
     optimizer = make_optimizer(student.parameters(), config.optim)
     state = restore(checkpoint, student, ema, optimizer) if checkpoint else RunState()
+    if main:
+        truncate_log(run_dir / "log.jsonl", state.step)
     student_ddp, optimizer = accelerator.prepare(student, optimizer)
 
     train = config.train
@@ -207,7 +219,14 @@ def distill(config: DistillConfig, resume: str | None = None, overwrite: bool = 
     if main:
         export_student(config, teacher, ema.module, export_dir, run_dir, state)
     accelerator.wait_for_everyone()
-    return export_dir
+    return DistillResult(run_dir, export_dir, student, ema.module, state)
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Drop log records after the step a run resumes from (they are recomputed identically)."""
+    if path.is_file():
+        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        path.write_text("".join(f"{line}\n" for line in kept))
 
 
 def train_clip(config: DistillConfig) -> float:

@@ -23,9 +23,9 @@ def tiny_unet(seed: int = 0, size: int = 8, channels: int = 1) -> UNet2DModel:
                        attention_head_dim=8)  # fmt: skip
 
 
-def save_tiny_pipeline(folder: Path, prediction: str = "epsilon", beta_schedule: str = "linear") -> Path:
+def save_tiny_pipeline(folder: Path, prediction: str = "epsilon", beta_schedule: str = "linear", size: int = 8) -> Path:
     scheduler = DDPMScheduler(prediction_type=prediction, beta_schedule=beta_schedule)
-    DDPMPipeline(unet=tiny_unet(), scheduler=scheduler).save_pretrained(folder)
+    DDPMPipeline(unet=tiny_unet(size=size), scheduler=scheduler).save_pretrained(folder)
     return folder
 
 
