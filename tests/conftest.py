@@ -67,3 +67,16 @@ class ToyNet(torch.nn.Module):
         q, k, v = self.qkv(h.flatten(2).transpose(1, 2)).chunk(3, dim=-1)  # [B, HW, C] each
         a = torch.nn.functional.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]
         return self.out(h + a.transpose(1, 2).reshape(B, C, H, W))
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_teacher, tmp_path_factory):
+    """A 3-step distillation of the tiny teacher (conversion 1 + sCD 2) with its export."""
+    from scm_distill.config import resolve
+    from scm_distill.trainer import distill
+
+    config = resolve(cli={"teacher": str(tiny_teacher), "output": str(tmp_path_factory.mktemp("run") / "run"),
+                          "data": {"spec": "digits"},
+                          "train": {"max_steps": 2, "convert_steps": 1, "batch_size": 8, "sample_every": 2,
+                                    "checkpoint_every": 0}})  # fmt: skip
+    return distill(config)
