@@ -4,8 +4,8 @@ import json
 import subprocess
 import sys
 
-import huggingface_hub
 import httpx2
+import huggingface_hub
 import pytest
 import torch
 from conftest import REPO, run_cli
