@@ -66,7 +66,7 @@ class VPProcess(torch.nn.Module):
 
     # TrigFlow time of a (possibly fractional) discrete timestep tau.
     def t_at(self, tau: Tensor) -> Tensor:
-        i = tau.clamp(0, self.num_train_timesteps - 1)
+        i = tau.to(self.log_sigma_edm.device).clamp(0, self.num_train_timesteps - 1)
         lo = i.floor().long().clamp(max=self.num_train_timesteps - 2)
         log_sigma = torch.lerp(self.log_sigma_edm[lo], self.log_sigma_edm[lo + 1], (i - lo).double())
         return torch.atan(torch.exp(log_sigma) / self.sigma_d)

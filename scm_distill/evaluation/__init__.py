@@ -1,0 +1,1 @@
+"""Measuring what we claim: sample quality, sampling speed, training cost."""
