@@ -132,6 +132,78 @@ def run_demo(args) -> int:
     return 0
 
 
+def int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got '{text}'")
+    return values
+
+
+def add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="FID/KID/precision/recall of an export (and its teacher) vs steps",
+                       description="Quality against network evaluations through torch-fidelity; writes "
+                                   "metrics.json, report.md, curve.png and sample grids to OUTPUT.")  # fmt: skip
+    p.add_argument("--model", required=True, help="exported pipeline folder")
+    p.add_argument("--reference", required=True, help="reference images: data spec (built-in, folder, hf:NAME)")
+    p.add_argument("--teacher", help="teacher pipeline, evaluated with its own sampler at --teacher-steps")
+    p.add_argument("--steps", type=int_list, default=(1, 2, 4), help="student step counts (default 1,2,4)")
+    p.add_argument("--teacher-steps", type=int_list, default=(2, 4, 10, 25, 50, 100))
+    p.add_argument("--num-samples", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--feature-extractor", default="auto",
+                   help="auto (Inception-v3 when its weights are available offline, else EfficientNet-Lite0), "
+                        "inception-v3-compat or efficientnet-lite0")  # fmt: skip
+    p.add_argument("--inception-weights", help="path to torch-fidelity's Inception-v3 weights")
+    p.add_argument("--resize-reference", action="store_true",
+                   help="resize reference images to the model's resolution (bilinear, antialiased)")  # fmt: skip
+    p.add_argument("--reference-split", default="train")
+    p.add_argument("--output", required=True)
+    p.set_defaults(run=run_evaluate)
+
+
+def run_evaluate(args) -> int:
+    from .evaluation.evaluate import EvalSettings, evaluate
+
+    settings = EvalSettings(steps=args.steps, teacher_steps=args.teacher_steps, num_samples=args.num_samples,
+                            seed=args.seed, feature_extractor=args.feature_extractor,
+                            inception_weights=args.inception_weights, resize_reference=args.resize_reference,
+                            reference_split=args.reference_split)  # fmt: skip
+    metrics = evaluate(Path(args.model), args.reference, Path(args.output), args.teacher, settings)
+    for name, result in metrics["results"].items():
+        print(f"{name}: FID {result['fid']:.3f} ({metrics['feature_extractor']})")
+    return 0
+
+
+def add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="sampling speed and training cost, teacher vs student, in one run",
+                       description="Latency/throughput of the teacher's sampler vs the student's 1/2 steps, the "
+                                   "sCD step vs a diffusion step (parts, memory), and their scaling.")  # fmt: skip
+    p.add_argument("--model", required=True, help="exported pipeline folder")
+    p.add_argument("--teacher", help="teacher pipeline folder (for the sampling comparison)")
+    p.add_argument("--teacher-steps", type=int, default=100)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--no-scaling", action="store_true", help="skip the resolution/width scaling table")
+    p.add_argument("--output", required=True)
+    p.set_defaults(run=run_bench)
+
+
+def run_bench(args) -> int:
+    from .evaluation.bench import BenchSettings, bench
+
+    settings = BenchSettings(teacher_steps=args.teacher_steps, repeats=args.repeats, scaling=not args.no_scaling)
+    results = bench(Path(args.model), Path(args.output), args.teacher, settings)
+    for record in results["training"]:
+        print(f"training ({record['precision']}): sCD/diffusion {record['scd_over_diffusion']}x, "
+              f"JVP/forward {record['jvp_over_forward']}x")  # fmt: skip
+    speed = results["sampling"].get("network_batch1")
+    if speed:
+        print(f"sampling at batch 1: 2-step speedup {speed['speedup_2_step']:.1f}x")
+    return 0
+
+
 KNOWN_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotImplementedError)
 
 
@@ -139,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scm-distill", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (add_distill, add_sample, add_push, add_demo):
+    for add in (add_distill, add_sample, add_evaluate, add_bench, add_push, add_demo):
         add(sub)
     return parser
 

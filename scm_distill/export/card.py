@@ -70,3 +70,16 @@ def write_model_card(folder: Path, info, usage: str, pipeline_tag: str, steps: i
     )
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
     card.save(folder / "README.md")
+
+
+def refresh_card_facts(folder: Path, facts: dict) -> None:
+    """Replace the "## Measured" table of an export's model card (e.g. after an evaluation); atomic write."""
+    path = Path(folder) / "README.md"
+    text = path.read_text()
+    head, sep, rest = text.partition("## Measured\n")
+    if not sep:
+        raise ValueError(f"'{path}' has no '## Measured' section to update.")
+    _, next_heading, tail = rest.partition("\n## ")
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text(f"{head}## Measured\n\n{facts_table(facts)}\n{next_heading}{tail}")
+    tmp.replace(path)

