@@ -99,8 +99,8 @@ def main(argv: list[str] | None = None) -> None:
         eps = torch.randn(x0.shape, device=device, generator=generator)
         ab = alphas_cumprod[tau].view(-1, 1, 1, 1)
         with autocast:
-            out = unet(ab.sqrt() * x0 + (1 - ab).sqrt() * eps, tau).sample
-        loss = (out.float() - ddpm_target(x0, eps, ab, args.prediction)).square().mean()
+            prediction = unet(ab.sqrt() * x0 + (1 - ab).sqrt() * eps, tau).sample
+        loss = (prediction.float() - ddpm_target(x0, eps, ab, args.prediction)).square().mean()
         for group in optimizer.param_groups:
             group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup_steps) / math.sqrt(max(step / 2000, 1.0))
         optimizer.zero_grad(set_to_none=True)
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
         info = {"data": args.data, "resize_to": args.resize_to, "pad_to": args.pad_to, "steps": args.steps,
                 "batch_size": args.batch_size, "prediction": args.prediction, "widths": widths,
                 "attention_levels": sorted(levels), "parameters": sum(p.numel() for p in unet.parameters()),
-                "train_minutes": round((time.time() - started) / 60, 2), "final_loss": sum(losses[-200:]) / 200,
+                "train_minutes": round((time.time() - started) / 60, 2), "final_loss": sum(losses[-200:]) / len(losses[-200:]),
                 "seed": args.seed, "command": "python examples/train_teacher.py " + " ".join(argv)}  # fmt: skip
         (tmp / "teacher_info.json").write_text(json.dumps(info, indent=2) + "\n")
     print(f"saved {out} ({info['parameters']} parameters, {info['train_minutes']} min)")

@@ -80,9 +80,10 @@ def scaling_cases(settings: BenchSettings, device: torch.device) -> list[CostCas
     widths = settings.widths or ((64, 128, 256) if gpu else (16, 32, 64))
     batch = 32 if gpu else 4
     base = widths[len(widths) // 2]
-    cases = [unet2d_case(f"resolution {r}px, width {base}", r, (base, 2 * base, 2 * base), (1,), 1, batch)
-             for r in resolutions]  # fmt: skip
-    cases += [unet2d_case(f"resolution 32px, width {w}", 32, (w, 2 * w, 2 * w), (1,), 1, batch) for w in widths]
+    cases = [unet2d_case(f"resolution {r}px, width {base}", r, (base, 2 * base, 2 * base), (1,), 1, batch,
+                         groups=min(32, base)) for r in resolutions]  # fmt: skip
+    cases += [unet2d_case(f"resolution 32px, width {w}", 32, (w, 2 * w, 2 * w), (1,), 1, batch, groups=min(32, w))
+              for w in widths]  # fmt: skip
     return cases
 
 

@@ -1,0 +1,56 @@
+"""evaluate and bench end to end on a tiny export (offline, small N), and their bad inputs."""
+
+import json
+
+import pytest
+from conftest import run_cli
+
+from scm_distill.evaluation.bench import BenchSettings, bench
+from scm_distill.evaluation.evaluate import EvalSettings, evaluate
+
+SMALL = EvalSettings(steps=(1, 2), teacher_steps=(2,), num_samples=12, batch_size=6)
+
+
+def test_evaluate_writes_metrics_report_curve_and_grids(tiny_run, tiny_teacher, tmp_path):
+    metrics = evaluate(tiny_run.export_dir, "digits", tmp_path / "eval", str(tiny_teacher), SMALL)
+    assert set(metrics["results"]) == {"student@1", "student@2", "teacher@2"}
+    assert metrics["feature_extractor"] == "efficientnet-lite0"  # no Inception weights offline
+    assert "Inception" in metrics["feature_note"]
+    for result in metrics["results"].values():
+        assert result["fid"] > 0 and 0 <= result["precision"] <= 1 and result["num_generated"] == 12
+    written = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert written["num_reference"] == 1797
+    report = (tmp_path / "eval" / "report.md").read_text()
+    assert "efficientnet-lite0" in report and "student@2" in report
+    assert (tmp_path / "eval" / "curve.png").stat().st_size > 0 and (tmp_path / "eval" / "samples.png").is_file()
+
+
+def test_evaluate_bad_inputs(tiny_run, tmp_path):
+    with pytest.raises(ValueError, match="but the model makes 8x8; pass --resize-reference"):
+        evaluate(tiny_run.export_dir, "mnist5k", tmp_path / "e1", None, SMALL)
+    with pytest.raises(ValueError, match="at least 4"):
+        evaluate(tiny_run.export_dir, "digits", tmp_path / "e2", None, EvalSettings(num_samples=3))
+    done = run_cli("evaluate", "--model", str(tiny_run.export_dir), "--reference", "digits", "--num-samples", "8",
+                   "--feature-extractor", "inception-v3-compat", "--output", str(tmp_path / "e3"),
+                   env={"TORCH_HOME": str(tmp_path / "empty-torch-home")})  # fmt: skip
+    assert done.returncode == 1 and "needs its weights offline" in done.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "e1").exists() and not (tmp_path / "e3").exists()
+
+
+def test_evaluate_resizes_the_reference_only_when_asked(tiny_run, tmp_path):
+    settings = EvalSettings(steps=(2,), teacher_steps=(), num_samples=8, resize_reference=True)
+    metrics = evaluate(tiny_run.export_dir, "mnist5k", tmp_path / "e", None, settings)
+    assert metrics["num_reference"] == 5000 and set(metrics["results"]) == {"student@2"}
+
+
+def test_bench_smoke(tiny_run, tiny_teacher, tmp_path):
+    settings = BenchSettings(teacher_steps=5, throughput_batch=4, train_batch=4, resolutions=(8,), widths=(8,),
+                             repeats=1)  # fmt: skip
+    results = bench(tiny_run.export_dir, tmp_path / "bench", str(tiny_teacher), settings)
+    sampling = results["sampling"]["network_batch1"]
+    assert sampling["teacher_steps"] == 5 and sampling["speedup_2_step"] > 0
+    assert results["sampling"]["end_to_end_batch1"]["student_2_step_ms"] > 0
+    training = results["training"][0]
+    assert set(training["timings"]) >= {"forward", "diffusion_step", "jvp", "scd_step", "teacher_forward"}
+    assert training["scd_over_diffusion"] > 0 and len(results["scaling"]) == 2
+    assert all((tmp_path / "bench" / f).is_file() for f in ("bench.json", "training.png", "scaling.png"))
