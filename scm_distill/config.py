@@ -38,6 +38,7 @@ class StudentConfig:
 class OptimConfig:
     name: Literal["radam", "adam", "adamw"] = "radam"
     lr: float = 1e-4  # paper: ~1e-4 for small models; ImageNet: teacher lr x 0.01
+    convert_lr: float | None = None  # learning rate of the conversion (F regression) steps; None: lr
     betas: tuple[float, float] = (0.9, 0.99)  # paper
     eps: float = 1e-8
     weight_decay: float = 0.0
@@ -178,6 +179,7 @@ def validate(config: DistillConfig) -> DistillConfig:
         (config.train.max_steps >= 0, f"train.max_steps must be non-negative, got {config.train.max_steps}."),
         (config.train.convert_steps >= 0, "train.convert_steps must be non-negative."),
         (config.optim.lr > 0, f"optim.lr must be positive, got {config.optim.lr}."),
+        ((config.optim.convert_lr or 1) > 0, "optim.convert_lr must be positive."),
         (config.objective.P_std > 0, f"objective.P_std must be positive, got {config.objective.P_std}."),
         (config.objective.tangent_norm_c >= 0, "objective.tangent_norm_c must be non-negative."),
         (0 <= config.student.dropout < 1, f"student.dropout must be in [0, 1), got {config.student.dropout}."),

@@ -15,8 +15,11 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig) -> to
     return OPTIMIZERS[cfg.name](params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
 
 
-# lr(step) = lr * min(1, step / warmup) / sqrt(max(step / ref, 1)) for inverse_sqrt (EDM2-style decay).
-def learning_rate(step: int, cfg: OptimConfig) -> float:
+# lr(step) = lr * min(1, step / warmup) / sqrt(max(step / ref, 1)) for inverse_sqrt (EDM2-style decay); `step`
+# counts sCD steps; conversion steps use convert_lr (or lr) without schedule.
+def learning_rate(step: int, cfg: OptimConfig, converting: bool = False) -> float:
+    if converting:
+        return cfg.convert_lr or cfg.lr
     lr = cfg.lr * (min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else 1.0)
     if cfg.decay == "inverse_sqrt":
         lr /= max(step / cfg.decay_ref_steps, 1.0) ** 0.5

@@ -75,17 +75,14 @@ def set_dropout(module: nn.Module, p: float) -> None:
             m.p = p
 
 
-def student_from_teacher(
-    teacher: NativeModel, prediction: Prediction | None = None, dropout: float = 0.0, logvar_channels: int = 128
-) -> Student:
+def student_model(teacher: NativeModel, prediction: Prediction | None = None, dropout: float = 0.0) -> NativeModel:
     """A trainable copy of the teacher's network (same class, same weights), read as `prediction`."""
     network = copy.deepcopy(teacher.network).train().requires_grad_(True)
     set_dropout(network, dropout)
-    model = NativeModel(
-        network,
-        teacher.process,
-        prediction or student_prediction(teacher),
-        teacher.sigma_d,
-        teacher.network_call,
-    )
-    return Student(model, logvar_channels)
+    prediction = prediction or student_prediction(teacher)
+    return NativeModel(network, teacher.process, prediction, teacher.sigma_d, teacher.network_call)
+
+
+def student_from_teacher(teacher: NativeModel, prediction: Prediction | None = None, dropout: float = 0.0,
+                         logvar_channels: int = 128) -> Student:  # fmt: skip
+    return Student(student_model(teacher, prediction, dropout), logvar_channels)

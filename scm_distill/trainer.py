@@ -29,7 +29,7 @@ from .grids import labelled_rows, save_png, to_uint8
 from .objective import FRegressionLoss, SCDLoss
 from .optim import learning_rate, make_optimizer
 from .run_dir import check_output, start_run_dir
-from .student import Student, student_from_teacher
+from .student import Student
 
 
 class NonFiniteError(RuntimeError):
@@ -73,13 +73,13 @@ def setup(config: DistillConfig, accelerator: Accelerator, teacher: Teacher | No
         teacher = load_teacher(config.teacher, config.sigma_data, accelerator.device)
     data = load_images(config.data.spec, split=config.data.split, resize_to=config.data.resize_to,
                        pad_to=config.data.pad_to, max_items=config.data.max_items)  # fmt: skip
-    teacher.check_data(data)
+    teacher.prepare(data)
     return teacher, data
 
 
 def make_student(config: DistillConfig, teacher: Teacher) -> Student:
     prediction = None if config.student.prediction == "auto" else config.student.prediction
-    return student_from_teacher(teacher.model, prediction, config.student.dropout, config.student.logvar_channels)
+    return Student(teacher.student_model(prediction, config.student.dropout), config.student.logvar_channels)
 
 
 def restore(checkpoint: Path, student: Student, ema: EMA, optimizer: torch.optim.Optimizer) -> RunState:
@@ -146,7 +146,7 @@ def distill(config: DistillConfig, resume: str | None = None, overwrite: bool = 
 
     student = make_student(config, teacher).to(accelerator.device)
     ema = EMA(student)
-    optimizer = make_optimizer(student.parameters(), config.optim)
+    optimizer = make_optimizer([p for p in student.parameters() if p.requires_grad], config.optim)
     state = restore(checkpoint, student, ema, optimizer) if checkpoint else RunState()
     if main:
         truncate_log(run_dir / "log.jsonl", state.step)
@@ -167,8 +167,9 @@ def distill(config: DistillConfig, resume: str | None = None, overwrite: bool = 
     for batch in loader:
         step = state.step
         phase = "convert" if step < convert_steps else "scd"
-        x0, condition = teacher.prepare_batch(batch)
+        lr = learning_rate(step - convert_steps, config.optim, converting=phase == "convert")
         generator = torch.Generator().manual_seed(step_seed(train.seed, rank, step))
+        x0, condition = teacher.prepare_batch(batch, generator)
         with accelerator.autocast():
             loss, _ = losses[phase](student, student_ddp, x0, condition, step - convert_steps, generator)
         loss = loss.mean()
@@ -178,7 +179,7 @@ def distill(config: DistillConfig, resume: str | None = None, overwrite: bool = 
         finite = math.isfinite(loss_value) and math.isfinite(float(grad_norm))
         if finite:
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate(step, config.optim)
+                group["lr"] = lr
             optimizer.step()
             state.samples_seen += train.batch_size * world
             ema.update(student, ema_beta(train.batch_size * world, state.samples_seen, train.ema_halflife_kimg,
@@ -199,7 +200,7 @@ def distill(config: DistillConfig, resume: str | None = None, overwrite: bool = 
         bar.update(1)
         if log and (state.step % train.log_every == 0 or state.step == total):
             record = {"step": state.step, "phase": phase, "loss": loss_value, "grad_norm": float(grad_norm),
-                      "lr": learning_rate(step, config.optim), "skipped": state.skipped_total,
+                      "lr": lr, "skipped": state.skipped_total,
                       "seconds": round(state.train_seconds, 3)}  # fmt: skip
             log.write(json.dumps(record) + "\n")
             log.flush()

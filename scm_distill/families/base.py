@@ -16,7 +16,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ..parameterization import Condition, NativeModel
+from ..parameterization import Condition, NativeModel, Prediction
+from ..student import student_model
 
 
 @dataclass(frozen=True)
@@ -62,9 +63,21 @@ class Teacher(ABC):
     def check_data(self, images: Any) -> None:
         """Raise a one-sentence ValueError when a data set cannot feed this teacher."""
 
+    def prepare(self, images: Any) -> None:
+        """Called once with the training data before training (checks it; families may also measure sigma_d
+        or build caches here)."""
+        self.check_data(images)
+
+    def student_model(self, prediction: Prediction | None, dropout: float) -> NativeModel:
+        """The student's network and how to read it; by default a trainable copy of the teacher's network.
+        Families override this to add inputs (e.g. a zero-initialised guidance embedding) or LoRA adapters;
+        the trainer optimises only parameters with requires_grad."""
+        return student_model(self.model, prediction, dropout)
+
     @abstractmethod
-    def prepare_batch(self, batch: dict) -> tuple[Tensor, Condition]:
-        """Data batch -> (x0 in the model's space [B, ...], condition)."""
+    def prepare_batch(self, batch: dict, generator: torch.Generator) -> tuple[Tensor, Condition]:
+        """Data batch -> (x0 in the model's space [B, ...], condition); draw any randomness (e.g. guidance
+        scales) from `generator`, which the trainer seeds per step."""
 
     @abstractmethod
     def decode(self, x0: Tensor) -> Tensor:

@@ -76,7 +76,7 @@ class ModuleTeacher(Teacher):
     def check_data(self, images) -> None:
         check_compatible(images, self.sample_shape[0], tuple(self.sample_shape[1:]))
 
-    def prepare_batch(self, batch: dict) -> tuple[Tensor, Condition]:
+    def prepare_batch(self, batch: dict, generator: torch.Generator) -> tuple[Tensor, Condition]:
         device = next(self.network.parameters()).device
         return batch["image"].to(device, torch.float32), {}
 

@@ -66,7 +66,7 @@ class UNet2DTeacher(Teacher):
         if self.num_classes is not None and images.num_classes is None:
             raise ValueError(f"the teacher is class-conditional but data '{images.name}' has no labels.")
 
-    def prepare_batch(self, batch: dict) -> tuple[Tensor, Condition]:
+    def prepare_batch(self, batch: dict, generator: torch.Generator) -> tuple[Tensor, Condition]:
         x0 = batch["image"].to(self.unet.device, torch.float32)
         if self.num_classes is None:
             return x0, {}
