@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> None:
         info = {"data": args.data, "resize_to": args.resize_to, "pad_to": args.pad_to, "steps": args.steps,
                 "batch_size": args.batch_size, "prediction": args.prediction, "widths": widths,
                 "attention_levels": sorted(levels), "parameters": sum(p.numel() for p in unet.parameters()),
-                "train_minutes": round((time.time() - started) / 60, 2), "final_loss": sum(losses[-200:]) / len(losses[-200:]),
+                "train_minutes": round((time.time() - started) / 60, 2),
+                "final_loss": sum(losses[-200:]) / len(losses[-200:]),
                 "seed": args.seed, "command": "python examples/train_teacher.py " + " ".join(argv)}  # fmt: skip
         (tmp / "teacher_info.json").write_text(json.dumps(info, indent=2) + "\n")
     print(f"saved {out} ({info['parameters']} parameters, {info['train_minutes']} min)")

@@ -25,6 +25,8 @@ class DataConfig:
     resize_to: int | None = None  # resize short side (bilinear, antialias) + center crop to this size
     pad_to: int | None = None  # pad symmetrically with black to this size
     max_items: int | None = None  # use only the first N examples
+    latent_cache: str | None = None  # latent teachers: folder of the on-disk latent cache (None: encode each batch)
+    sigma_data_images: int = 1024  # latent teachers: images whose latents measure sigma_d (evenly spaced)
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,31 @@ class ExportConfig:
 
 
 @dataclass(frozen=True)
+class GuidanceConfig:
+    """Classifier-free guidance of text-conditioned teachers (arXiv 2410.11081v2 Sec. 5.2, App. G.2)."""
+
+    s_min: float = 1.0  # training scales s ~ U[s_min, s_max] (paper: U[1, 2]); 1 = no guidance
+    s_max: float = 2.0
+    scale: float = 1.5  # the export's guidance_scale and the sample grids' (paper evaluates 1.2-1.5); LoRA: the one
+    # scale distilled into the weights (a LoRA cannot add the guidance input to the teacher's UNet)
+    negative_prompt: str = ""  # prompt of CFG's unconditional branch ("": the pipeline's own empty-prompt rule)
+    embedding_dim: int = 256  # width of the student's guidance input (UNet time_cond_proj_dim; LCM uses 256)
+    prompts: tuple[str, ...] = ()  # prompts of sample grids (empty: the first captions of the data)
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """LoRA distillation (peft): only low-rank adapters of the student train; rank 0 = full fine-tune."""
+
+    rank: int = 0
+    alpha: float | None = None  # LoRA alpha (None: = rank, i.e. scale 1)
+    # names of the adapted layers (suffix match; default: the UNet layers LCM-LoRA adapts)
+    target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj",
+                                       "ff.net.2", "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv",
+                                       "upsamplers.0.conv", "time_emb_proj")  # fmt: skip
+
+
+@dataclass(frozen=True)
 class DistillConfig:
     teacher: str = ""  # local pipeline folder or Hub id
     output: str = ""  # run directory
@@ -91,6 +118,8 @@ class DistillConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 def to_dict(config: Any) -> dict:
@@ -109,6 +138,10 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
             return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], name)
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:  # tuple[X, ...]: any length
+        if not isinstance(value, list | tuple):
+            raise ValueError(f"config field '{name}' must be a list, got {value!r}.")
+        return tuple(_coerce(v, args[0], name) for v in value)
     if origin is tuple:
         if not isinstance(value, list | tuple) or len(value) != len(args):
             raise ValueError(f"config field '{name}' must be a list of {len(args)} values, got {value!r}.")
@@ -187,6 +220,17 @@ def validate(config: DistillConfig) -> DistillConfig:
         (config.sampling.sigma_max > 0, "sampling.sigma_max must be positive."),
         (config.train.ema_halflife_kimg > 0, "train.ema_halflife_kimg must be positive."),
         (config.sampling.teacher_steps >= 1, "sampling.teacher_steps must be at least 1."),
+        (config.guidance.s_min >= 1, f"guidance.s_min must be at least 1 (no guidance), got {config.guidance.s_min}."),
+        (config.guidance.s_max >= config.guidance.s_min, "guidance.s_max must not be below guidance.s_min."),
+        (config.guidance.scale >= 1, f"guidance.scale must be at least 1, got {config.guidance.scale}."),
+        (config.lora.rank > 0 or config.guidance.s_min <= config.guidance.scale <= config.guidance.s_max,
+         "guidance.scale must lie in the training range [guidance.s_min, guidance.s_max]."),
+        (config.guidance.embedding_dim >= 2, "guidance.embedding_dim must be at least 2."),
+        (config.lora.rank >= 0, f"lora.rank must be a positive integer (0: no LoRA), got {config.lora.rank}."),
+        (config.lora.rank == 0 or config.student.dropout == 0, "LoRA students share the teacher's network and "
+                                                               "need student.dropout 0."),
+        ((config.lora.alpha or 1) > 0, "lora.alpha must be positive."),
+        (config.data.sigma_data_images >= 1, "data.sigma_data_images must be at least 1."),
     ]
     for ok, message in checks:
         if not ok:

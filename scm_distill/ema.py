@@ -34,6 +34,11 @@ class EMA:
         for ema_b, b in zip(self.module.buffers(), module.buffers(), strict=True):
             ema_b.copy_(b)
 
+    @torch.no_grad()
+    def reset(self, module: nn.Module) -> None:
+        """Restart the average at the live module's current weights."""
+        self.update(module, beta=0.0)
+
     def state_dict(self) -> dict:
         return self.module.state_dict()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from .data import ImageSet, batch_indices, collate, load_images
 from .ema import EMA, ema_beta
 from .export.pipeline import export_pipeline
 from .families import ExportInfo, Teacher, load_teacher
-from .generate import consistency_samples, sampling_times, teacher_samples
+from .generate import sampling_times, teacher_samples
 from .grids import labelled_rows, save_png, to_uint8
 from .objective import FRegressionLoss, SCDLoss
 from .optim import learning_rate, make_optimizer
@@ -71,6 +72,7 @@ def setup(config: DistillConfig, accelerator: Accelerator, teacher: Teacher | No
     """Load and check the teacher and the data (before the output folder is touched)."""
     if teacher is None:
         teacher = load_teacher(config.teacher, config.sigma_data, accelerator.device)
+    teacher.configure(config)
     data = load_images(config.data.spec, split=config.data.split, resize_to=config.data.resize_to,
                        pad_to=config.data.pad_to, max_items=config.data.max_items)  # fmt: skip
     teacher.prepare(data)
@@ -117,8 +119,8 @@ class SampleGrids:
             self.teacher_row = to_uint8(self.teacher.decode(x0))
         rows = {f"teacher, {cfg.teacher_steps} steps": self.teacher_row}
         for steps in (2, 1):
-            x0 = consistency_samples(student.model, self.shape, steps, t_max, t_mid, self._generator(),
-                                     self.condition, self.device)  # fmt: skip
+            x0 = self.teacher.consistency_samples(student.model, self.shape, steps, t_max, t_mid, self._generator(),
+                                                  self.condition, self.device)  # fmt: skip
             rows[f"student (EMA), {steps} step{'s' * (steps > 1)}"] = to_uint8(self.teacher.decode(x0))
         return save_png(labelled_rows(rows, columns=self.n), path)
 
@@ -161,12 +163,15 @@ def distill(config: DistillConfig, resume: str | None = None, overwrite: bool = 
     log = open(run_dir / "log.jsonl", "a") if main else None  # noqa: SIM115 - closed at the end of the loop
     order = StepBatches(len(data), state.step, total, train.batch_size, train.seed, rank, world)
     loader = torch.utils.data.DataLoader(data, batch_sampler=order, collate_fn=collate, num_workers=train.num_workers)
-    bar = tqdm(total=total, initial=state.step, disable=not main, desc="distill", dynamic_ncols=True)
+    bar = tqdm(total=total, initial=state.step, disable=not main, desc="distill", dynamic_ncols=True,
+               mininterval=1 if sys.stderr.isatty() else 30)  # a log file gets a line every 30 s, not every step
     shown_loss, started = math.nan, time.time() - state.train_seconds
 
     for batch in loader:
         step = state.step
         phase = "convert" if step < convert_steps else "scd"
+        if step == convert_steps > 0:
+            ema.reset(student)  # the conversion is a warm start: the EMA averages sCD weights only
         lr = learning_rate(step - convert_steps, config.optim, converting=phase == "convert")
         generator = torch.Generator().manual_seed(step_seed(train.seed, rank, step))
         x0, condition = teacher.prepare_batch(batch, generator)
@@ -182,8 +187,9 @@ def distill(config: DistillConfig, resume: str | None = None, overwrite: bool = 
                 group["lr"] = lr
             optimizer.step()
             state.samples_seen += train.batch_size * world
-            ema.update(student, ema_beta(train.batch_size * world, state.samples_seen, train.ema_halflife_kimg,
-                                         train.ema_rampup_ratio))  # fmt: skip
+            global_batch = train.batch_size * world
+            ramp = state.samples_seen - (convert_steps * global_batch if phase == "scd" else 0)  # sCD samples
+            ema.update(student, ema_beta(global_batch, ramp, train.ema_halflife_kimg, train.ema_rampup_ratio))
             state.skipped_in_a_row = 0
         else:
             state.skipped_total += 1

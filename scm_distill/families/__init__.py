@@ -10,9 +10,10 @@ from pathlib import Path
 import torch
 
 from .base import ExportInfo, Teacher, read_model_index
+from .sd import StableDiffusionTeacher, StableDiffusionXLTeacher
 from .unet2d import UNet2DTeacher
 
-FAMILIES: tuple[type[Teacher], ...] = (UNet2DTeacher,)
+FAMILIES: tuple[type[Teacher], ...] = (UNet2DTeacher, StableDiffusionTeacher, StableDiffusionXLTeacher)
 
 
 def supported_families() -> str:

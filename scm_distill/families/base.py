@@ -11,13 +11,17 @@ import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
 
+from .. import generate
 from ..parameterization import Condition, NativeModel, Prediction
 from ..student import student_model
+
+if TYPE_CHECKING:
+    from ..config import DistillConfig
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,12 @@ class Teacher(ABC):
     def check_data(self, images: Any) -> None:
         """Raise a one-sentence ValueError when a data set cannot feed this teacher."""
 
+    def configure(self, config: DistillConfig) -> None:
+        """Called once with the run's config before `prepare`: families read their sections (guidance, LoRA, latent
+        cache) and raise one-sentence errors for settings the model cannot take, before anything is written."""
+        if config.lora.rank:
+            raise ValueError(f"LoRA distillation is not supported for {self.family} teachers; set lora.rank 0.")
+
     def prepare(self, images: Any) -> None:
         """Called once with the training data before training (checks it; families may also measure sigma_d
         or build caches here)."""
@@ -82,6 +92,13 @@ class Teacher(ABC):
     @abstractmethod
     def decode(self, x0: Tensor) -> Tensor:
         """Samples in the model's space -> images in [-1, 1], [B, C, H, W]."""
+
+    def consistency_samples(self, model: NativeModel, shape: tuple[int, ...], num_steps: int, t_max: float,
+                            t_mid: float, generator, condition: Condition | None = None,
+                            device=None) -> Tensor:  # fmt: skip
+        """The toolkit's consistency sampler for this family (x0 in the model's space); families whose export samples
+        in another form (e.g. a stock scheduler on integer timesteps) override it to match their export exactly."""
+        return generate.consistency_samples(model, shape, num_steps, t_max, t_mid, generator, condition, device)
 
     @abstractmethod
     def sample_condition(self, batch_size: int, generator: torch.Generator) -> Condition:
