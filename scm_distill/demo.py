@@ -66,20 +66,18 @@ def sample_export_in_fresh_process(folder: Path, n: int, seed: int) -> dict:
         return torch.load(out)
 
 
-def frechet_distances(sets: dict[str, torch.Tensor], reference: torch.Tensor) -> dict[str, float]:
-    """Frechet distance of each uint8 set to the reference, in EfficientNet-Lite0 pooled features."""
-    ref_stats = feature_statistics(extract_features(reference, EFFICIENTNET_LITE0))
-    return {name: frechet_distance(*feature_statistics(extract_features(images, EFFICIENTNET_LITE0)), *ref_stats)
-            for name, images in sets.items()}  # fmt: skip
-
-
-def real_vs_real(reference: torch.Tensor) -> float:
-    """Frechet distance between two random halves of the reference: the noise floor of this measurement."""
-    perm = torch.randperm(len(reference), generator=torch.Generator().manual_seed(0))
+def frechet_distances(sets: dict[str, torch.Tensor], reference: torch.Tensor) -> tuple[dict[str, float], float]:
+    """Frechet distance of each uint8 set to the reference in EfficientNet-Lite0 pooled features, and the noise
+    floor of this measurement: the distance between two random halves of the reference."""
+    ref_features = extract_features(reference, EFFICIENTNET_LITE0)
+    ref_stats = feature_statistics(ref_features)
+    distances = {name: frechet_distance(*feature_statistics(extract_features(images, EFFICIENTNET_LITE0)), *ref_stats)
+                 for name, images in sets.items()}  # fmt: skip
+    perm = torch.randperm(len(reference), generator=torch.Generator().manual_seed(0)).numpy()
     half = len(reference) // 2
-    a, b = reference[perm[:half]], reference[perm[half:]]
-    stats_a = feature_statistics(extract_features(a, EFFICIENTNET_LITE0))
-    return frechet_distance(*stats_a, *feature_statistics(extract_features(b, EFFICIENTNET_LITE0)))
+    floor = frechet_distance(*feature_statistics(ref_features[perm[:half]]),
+                             *feature_statistics(ref_features[perm[half:]]))  # fmt: skip
+    return distances, floor
 
 
 def demo(output: Path, max_steps: int | None = None, num_samples: int | None = None) -> Path:
@@ -115,10 +113,10 @@ def demo(output: Path, max_steps: int | None = None, num_samples: int | None = N
     }  # fmt: skip
     data = load_images(config.data.spec, resize_to=config.data.resize_to, pad_to=config.data.pad_to)
     reference = data.uint8_images()
-    fd = frechet_distances(sets, reference)
+    fd, floor = frechet_distances(sets, reference)
     speed = sampling_speed(teacher.model, student, teacher.sample_shape, teacher_steps, t_max, t_mid)
 
-    report = build_report(config, result, teacher_steps, n, len(reference), fd, real_vs_real(reference), speed,
+    report = build_report(config, result, teacher_steps, n, len(reference), fd, floor, speed,
                           matches, distill_seconds, time.time() - started, data.name)  # fmt: skip
     write_outputs(output, report, sets, teacher_steps)
     refresh_card_facts(result.export_dir, card_facts(report))
