@@ -80,9 +80,21 @@ def frechet_distances(sets: dict[str, torch.Tensor], reference: torch.Tensor) ->
     return distances, floor
 
 
+class Laps:
+    """Seconds spent in each named phase, in order."""
+
+    def __init__(self):
+        self.seconds, self._last = {}, time.time()
+
+    def __call__(self, name: str) -> None:
+        now = time.time()
+        self.seconds[name] = round(now - self._last, 1)
+        self._last = now
+
+
 def demo(output: Path, max_steps: int | None = None, num_samples: int | None = None) -> Path:
     """Run the demo into `output`; returns the path of report.json."""
-    started = time.time()
+    started, laps = time.time(), Laps()
     if not DEMO_RECIPE.is_file():
         raise FileNotFoundError(f"the demo recipe '{DEMO_RECIPE}' is missing; run the demo from a source checkout.")
     n = num_samples or NUM_SAMPLES
@@ -94,6 +106,7 @@ def demo(output: Path, max_steps: int | None = None, num_samples: int | None = N
     config = resolve(recipe=str(DEMO_RECIPE), cli=cli)
     result = distill(config, overwrite=True)
     distill_seconds = time.time() - started
+    laps("distill")
 
     teacher = load_teacher(str(DEMO_TEACHER))
     student = result.ema.model
@@ -103,6 +116,7 @@ def demo(output: Path, max_steps: int | None = None, num_samples: int | None = N
     ours = {steps: consistency_samples(student, shape, steps, t_max, t_mid, torch.Generator().manual_seed(SEED))
             for steps in (1, 2)}  # fmt: skip
     matches = all(torch.equal((ours[s] / 2 + 0.5).clamp(0, 1), exported[s]) for s in (1, 2))
+    laps("reload export and sample")
     teacher_steps = config.sampling.teacher_steps
     sets = {
         f"teacher_{teacher_steps}_steps": to_uint8(teacher_samples(teacher.model, shape, teacher_steps,
@@ -111,13 +125,17 @@ def demo(output: Path, max_steps: int | None = None, num_samples: int | None = N
         "student_2_steps": (exported[2] * 255).round().to(torch.uint8),
         "student_1_step": (exported[1] * 255).round().to(torch.uint8),
     }  # fmt: skip
+    laps("teacher samples")
     data = load_images(config.data.spec, resize_to=config.data.resize_to, pad_to=config.data.pad_to)
     reference = data.uint8_images()
     fd, floor = frechet_distances(sets, reference)
+    laps("frechet distances")
     speed = sampling_speed(teacher.model, student, teacher.sample_shape, teacher_steps, t_max, t_mid)
+    laps("sampling speed")
 
     report = build_report(config, result, teacher_steps, n, len(reference), fd, floor, speed,
                           matches, distill_seconds, time.time() - started, data.name)  # fmt: skip
+    report["phase_seconds"] = laps.seconds
     write_outputs(output, report, sets, teacher_steps)
     refresh_card_facts(result.export_dir, card_facts(report))
     return output / "report.json"

@@ -13,7 +13,7 @@ from typing import Literal, Protocol
 import torch
 from torch import Tensor
 
-from .trigflow import edm_alpha_sigma, vp_alpha_sigma
+from .trigflow import edm_alpha_sigma, flow_alpha_sigma_stable, flow_time, t_from_flow_time, vp_alpha_sigma
 
 
 class Process(Protocol):
@@ -124,3 +124,36 @@ class SigmaProcess(torch.nn.Module):
     def time_grid(self, num_steps: int) -> list[float]:
         lo, hi = math.exp(self.log_sigmas[0].item()), math.exp(self.log_sigmas[-1].item())
         return torch.atan(karras_sigmas(lo, hi, num_steps) / self.sigma_d).tolist()
+
+
+class FlowProcess(torch.nn.Module):
+    """Flow matching / rectified flow x_s = (1 - s) x0 + s eps (SD3, FLUX, Sana; METHOD.md §2), s in (0, 1].
+
+    s = sigma_d sin t / (cos t + sigma_d sin t) exactly; the network's time input is `time_scale` * s (1000 for SD3
+    and Sana's pipelines, 1 for FLUX, which scales by 1000 inside). The scheduler's `shift` only moves the
+    inference grid (`time_grid`), not the map t <-> s. The trained range is [t(s_min), pi/2] (s = 1 is pure noise).
+    """
+
+    def __init__(self, sigma_d: float, time_scale: float = 1000.0, s_min: float = 1e-3, shift: float = 1.0):
+        super().__init__()
+        self.sigma_d, self.time_scale, self.shift = sigma_d, time_scale, shift
+        self.t_min = math.atan2(s_min, (1 - s_min) * sigma_d)
+        self.t_max = math.pi / 2
+
+    def alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        return flow_alpha_sigma_stable(t, self.sigma_d)
+
+    def flow_time(self, t: Tensor) -> Tensor:
+        return flow_time(t, self.sigma_d)
+
+    def network_time(self, t: Tensor) -> Tensor:
+        return self.flow_time(t) * self.time_scale
+
+    # TrigFlow time of a flow time s.
+    def t_at(self, s: Tensor) -> Tensor:
+        return t_from_flow_time(s, self.sigma_d)
+
+    # The flow pipelines' grid: u evenly from 1 to 1/n, shifted s = shift u / (1 + (shift - 1) u).
+    def time_grid(self, num_steps: int) -> list[float]:
+        u = torch.linspace(1, 1 / num_steps, num_steps, dtype=torch.float64)
+        return self.t_at(self.shift * u / (1 + (self.shift - 1) * u)).tolist()

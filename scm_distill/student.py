@@ -31,13 +31,15 @@ def student_prediction(teacher: NativeModel) -> Prediction:
 
 
 class LogvarHead(nn.Module):
-    """logvar(t): sinusoidal features of c_noise = log(tan t) / 4 (EDM's noise conditioning) -> linear, zero-init
-    so training starts with unit weights."""
+    """logvar(t): Fourier features of c_noise = log(tan t) / 4 (EDM's noise conditioning; range about [-1.5, 1.5]
+    over the trained t) -> linear, zero-initialised so training starts with unit weights. The frequencies are
+    geometric from 0.5 to 16 rad per unit of c_noise: smooth in t, as a weighting over noise levels must be (a
+    head that can follow noise in t gives a few t enormous weight)."""
 
-    def __init__(self, channels: int = 128, max_period: float = 10_000.0):
+    def __init__(self, channels: int = 128, min_freq: float = 0.5, max_freq: float = 16.0):
         super().__init__()
         half = channels // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+        freqs = torch.exp(torch.linspace(math.log(min_freq), math.log(max_freq), half))
         self.register_buffer("freqs", freqs, persistent=False)
         self.linear = nn.Linear(channels, 1)
         nn.init.zeros_(self.linear.weight)
@@ -45,7 +47,7 @@ class LogvarHead(nn.Module):
 
     def forward(self, t: Tensor) -> Tensor:  # t: [B] -> logvar: [B]
         c_noise = torch.log(torch.tan(t.float())) / 4
-        angles = 1000 * c_noise[:, None] * self.freqs[None, :]
+        angles = c_noise[:, None] * self.freqs[None, :]
         return self.linear(torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)).squeeze(1)
 
 

@@ -142,3 +142,23 @@ def consistency_times(num_steps: int, t_max: float, t_mid: float) -> list[float]
     if num_steps == 2:
         return [t_max, t_mid]
     return [t_max * (1 - i / num_steps) for i in range(num_steps)]
+
+
+# --- flow matching and EDM times (App. B.2 with sigma_edm = s / (1 - s), resp. sigma_edm = sigma) ----------------
+
+
+# Flow time s = sigma_edm / (1 + sigma_edm) = sigma_d sin t / (cos t + sigma_d sin t).
+def flow_time(t: Tensor, sigma_d: float) -> Tensor:
+    return sigma_d * torch.sin(t) / (torch.cos(t) + sigma_d * torch.sin(t))
+
+
+# Inverse: t = arctan(s / ((1 - s) sigma_d)), written with atan2 so that s = 1 gives t = pi/2.
+def t_from_flow_time(s: Tensor, sigma_d: float) -> Tensor:
+    return torch.atan2(s, (1 - s) * sigma_d)
+
+
+# Flow matching (alpha, sigma) = (1 - s, s) in the form without cancellation near s = 1:
+# alpha = cos t / (cos t + sigma_d sin t), sigma = sigma_d sin t / (cos t + sigma_d sin t).
+def flow_alpha_sigma_stable(t: Tensor, sigma_d: float) -> tuple[Tensor, Tensor]:
+    norm = torch.cos(t) + sigma_d * torch.sin(t)
+    return torch.cos(t) / norm, sigma_d * torch.sin(t) / norm

@@ -123,6 +123,35 @@ def training_cost(case: CostCase, device: torch.device, precision: str = "fp32",
     }  # fmt: skip
 
 
+def finite_difference_error(case: CostCase, device: torch.device, precision: str = "fp32",
+                            steps: tuple[float, ...] = (1e-2, 1e-3, 1e-4)) -> dict:  # fmt: skip
+    """Relative error ||FD - JVP|| / ||JVP|| of the central finite-difference tangent (objective's fallback) against
+    the exact torch.func.jvp, at the sCD tangent of a random point, for several step sizes h."""
+    torch.manual_seed(0)
+    network = case.make_network().to(device)
+    process = VPProcess(DDPMScheduler().alphas_cumprod, 0.5).to(device)
+    teacher = NativeModel(freeze(copy.deepcopy(network)), process, "epsilon", 0.5, case.call)
+    student = student_from_teacher(teacher).to(device).eval()
+    B = case.batch_size
+    x_t = 0.5 * torch.randn(B, *case.sample_shape, device=device)
+    t = torch.linspace(0.2, 1.5, B, device=device)
+    condition = case.make_condition(B, device)
+    amp = _autocast(device, precision)
+    with torch.no_grad(), amp:
+        dxdt = teacher.velocity(x_t, t, condition)
+    cs = torch.cos(t) * torch.sin(t)
+    v_x = expand_as(cs, x_t) * dxdt.float()
+    with amp:
+        exact = SCDLoss(teacher, SCDConfig())._jvp(student, x_t, t, condition, v_x, cs)[1].float()
+    errors = {}
+    for h in steps:
+        with amp:
+            fd = SCDLoss(teacher, SCDConfig(jvp="finite_difference", finite_difference_h=h))._jvp(
+                student, x_t, t, condition, v_x, cs)[1].float()  # fmt: skip
+        errors[f"h={h:g}"] = round(((fd - exact).norm() / exact.norm()).item(), 6)
+    return {"case": case.name, "precision": precision, "relative_error": errors}
+
+
 # --- model cases -------------------------------------------------------------------------------------------
 
 

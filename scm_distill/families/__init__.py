@@ -10,10 +10,18 @@ from pathlib import Path
 import torch
 
 from .base import ExportInfo, Teacher, read_model_index
+from .dit import DiTTeacher
+from .edm import EDMStableDiffusionXLTeacher
+from .flux import FluxTeacher
+from .sana import SanaTeacher
 from .sd import StableDiffusionTeacher, StableDiffusionXLTeacher
+from .sd3 import StableDiffusion3Teacher
 from .unet2d import UNet2DTeacher
 
-FAMILIES: tuple[type[Teacher], ...] = (UNet2DTeacher, StableDiffusionTeacher, StableDiffusionXLTeacher)
+# the first family whose `matches` accepts a pipeline is used: the EDM family precedes SDXL (same pipeline class)
+FAMILIES: tuple[type[Teacher], ...] = (UNet2DTeacher, StableDiffusionTeacher, EDMStableDiffusionXLTeacher,
+                                       StableDiffusionXLTeacher, DiTTeacher, StableDiffusion3Teacher, FluxTeacher,
+                                       SanaTeacher)  # fmt: skip
 
 
 def supported_families() -> str:

@@ -1,7 +1,8 @@
 """Latent-space teachers: the VAE's latents as the consistency model's data, their sigma_d, and a latent cache.
 
 The data space is the one the teacher's pipeline samples in: x0 = (E(image) - shift) * scale, with E the VAE
-encoder's posterior mean (deterministic: cacheable and resume-exact), scale = `scaling_factor` (/ `latents_std`
+encoder's posterior mean (or the latent of a deterministic autoencoder such as Sana's DC-AE; either way cacheable
+and resume-exact), scale = `scaling_factor` (/ `latents_std`
 where the VAE config has per-channel statistics) and shift = `shift_factor` or `latents_mean` (SD3/FLUX, some
 SDXL VAEs); decoding inverts it. TrigFlow's sigma_d is measured on these latents (arXiv 2410.11081v2 sets 0.5 for
 normalised pixels; latents have their own scale), as their root mean square: with z ~ N(0, sigma_d^2 I),
@@ -58,8 +59,11 @@ class LatentSpace:
 
     @property
     def downsampling(self) -> int:
-        """Pixels per latent along each side, 2^(levels - 1)."""
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        """Pixels per latent along each side, 2^(levels - 1) (deep-compression autoencoders name their levels
+        `encoder_block_out_channels`)."""
+        config = self.vae.config
+        levels = config.get("block_out_channels") or config.get("encoder_block_out_channels")
+        return 2 ** (len(levels) - 1)
 
     def latent_size(self, resolution: tuple[int, int]) -> tuple[int, int]:
         return resolution[0] // self.downsampling, resolution[1] // self.downsampling
@@ -79,7 +83,9 @@ class LatentSpace:
     @torch.no_grad()
     def encode(self, images: Tensor) -> Tensor:
         vae = self.vae
-        mean = vae.encode(images.to(vae.device, vae.dtype)).latent_dist.mean.float()
+        out = vae.encode(images.to(vae.device, vae.dtype))
+        # a KL autoencoder's posterior mean, or a deterministic autoencoder's latent (Sana's DC-AE)
+        mean = (out.latent_dist.mean if hasattr(out, "latent_dist") else out.latent).float()
         if self.shift is not None:
             mean = mean - _on(self.shift, mean)
         return mean * _on(self.scale, mean)
