@@ -54,3 +54,5 @@ def test_bench_smoke(tiny_run, tiny_teacher, tmp_path):
     assert set(training["timings"]) >= {"forward", "diffusion_step", "jvp", "scd_step", "teacher_forward"}
     assert training["scd_over_diffusion"] > 0 and len(results["scaling"]) == 2
     assert all((tmp_path / "bench" / f).is_file() for f in ("bench.json", "training.png", "scaling.png"))
+    # central difference in fp32: O(h^2) truncation + O(eps_fp32 / h) rounding, ~1e-4 relative at h = 1e-3
+    assert results["finite_difference"][0]["relative_error"]["h=0.001"] < 1e-2

@@ -20,7 +20,7 @@ import torch
 
 from ..export.load import load_export
 from ..families import load_teacher
-from .cost import CostCase, training_cost, unet2d_case
+from .cost import CostCase, finite_difference_error, training_cost, unet2d_case
 from .speed import sampling_speed
 from .timing import measure
 
@@ -94,11 +94,12 @@ def bench(model: Path, output: Path, teacher: str | None = None, settings: Bench
     case = CostCase("exported student network", lambda: copy.deepcopy(student.model.network),
                     student.model.network_call, student.sample_shape, train_batch,
                     lambda B, d: student.sample_condition(B, torch.Generator().manual_seed(0)))  # fmt: skip
+    precisions = ("fp32", "bf16") if device.type == "cuda" else ("fp32",)
     results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                "torch": torch.__version__, "model": str(model), "teacher": teacher,
                "sampling": sampling_table(model, teacher, settings, device),
-               "training": [training_cost(case, device, p, repeats=settings.repeats)
-                            for p in (("fp32", "bf16") if device.type == "cuda" else ("fp32",))]}  # fmt: skip
+               "training": [training_cost(case, device, p, repeats=settings.repeats) for p in precisions],
+               "finite_difference": [finite_difference_error(case, device, p) for p in precisions]}  # fmt: skip
     if settings.scaling:
         precision = "bf16" if device.type == "cuda" else "fp32"
         results["scaling"] = [training_cost(c, device, precision, repeats=settings.repeats)
