@@ -34,6 +34,9 @@ class StudentConfig:
     prediction: Literal["auto", "v_prediction", "epsilon", "sample", "flow"] = "auto"  # auto: v (VP), flow (flow)
     dropout: float = 0.0  # sCD uses 0 (paper); non-zero runs both passes on one seeded RNG stream
     logvar_channels: int = 128  # width of the adaptive-weighting head's time features
+    # drop UNet time-embedding channels faster than this (rad per unit of the network's time input; None: keep
+    # all); smooths dF/dt in the sCD tangent (student.low_pass_time_embedding)
+    time_embedding_max_frequency: float | None = None
 
 
 @dataclass(frozen=True)

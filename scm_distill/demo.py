@@ -59,8 +59,8 @@ def sample_export_in_fresh_process(folder: Path, n: int, seed: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         script, out = Path(tmp) / "sample_export.py", Path(tmp) / "samples.pt"
         script.write_text(SAMPLE_EXPORT)
-        done = subprocess.run([sys.executable, str(script), str(folder), str(n), str(seed), str(out)], cwd=tmp,
-                              capture_output=True, text=True)  # fmt: skip
+        args = [sys.executable, str(script), str(folder.resolve()), str(n), str(seed), str(out)]
+        done = subprocess.run(args, cwd=tmp, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"the exported pipeline did not load in a fresh process: {done.stderr[-500:]}")
         return torch.load(out)

@@ -77,6 +77,39 @@ def set_dropout(module: nn.Module, p: float) -> None:
             m.p = p
 
 
+def timestep_frequencies(time_proj: nn.Module) -> Tensor:
+    """Angular frequency (rad per unit of the network's time input) of each channel of a diffusers `Timesteps`
+    embedding: channel i and i + half share frequency i (sin and cos, in either order); an odd last channel is zero
+    padding (frequency 0)."""
+    half = time_proj.num_channels // 2
+    exponent = -math.log(10_000) * torch.arange(half, dtype=torch.float32) / (half - time_proj.downscale_freq_shift)
+    freqs = time_proj.scale * torch.exp(exponent).repeat(2)
+    return torch.cat([freqs, torch.zeros(time_proj.num_channels % 2)])
+
+
+def low_pass_time_embedding(network: nn.Module, max_frequency: float) -> int:
+    """Remove the time-embedding channels faster than `max_frequency` from a UNet: zero their columns in the first
+    layer of `time_embedding` and zero the channels themselves in training (a forward hook), so those columns get no
+    gradient and stay zero. The result is the same architecture with weights, so exports need nothing extra.
+
+    Why: the sCD tangent carries cos t sin t dF/dt, and through a sinusoidal embedding of a 0-999 timestep the
+    fastest channels turn ~1 rad per timestep (hundreds of rad per unit of TrigFlow t), fitted only at integer
+    timesteps. Their derivative dominates the tangent and grows in training (the time-derivative instability of
+    arXiv 2410.11081v2 Sec. 4.1, which the paper removes with a smooth time embedding); the conversion phase refits
+    the student to the teacher without them. Returns the number of channels removed."""
+    time_proj, embedding = getattr(network, "time_proj", None), getattr(network, "time_embedding", None)
+    if not hasattr(time_proj, "num_channels") or not isinstance(getattr(embedding, "linear_1", None), nn.Linear):
+        raise ValueError(f"student.time_embedding_max_frequency needs a network with a sinusoidal `time_proj` and a "
+                         f"`time_embedding.linear_1` (diffusers UNets); {type(network).__name__} has none.")
+    keep = timestep_frequencies(time_proj) <= max_frequency
+    linear = embedding.linear_1
+    with torch.no_grad():
+        linear.weight[:, ~keep.to(linear.weight.device)] = 0
+    mask = keep.to(linear.weight.dtype)
+    time_proj.register_forward_hook(lambda module, args, out: out * mask.to(out.device, out.dtype))
+    return int((~keep).sum())
+
+
 def student_model(teacher: NativeModel, prediction: Prediction | None = None, dropout: float = 0.0) -> NativeModel:
     """A trainable copy of the teacher's network (same class, same weights), read as `prediction`."""
     network = copy.deepcopy(teacher.network).train().requires_grad_(True)

@@ -30,7 +30,7 @@ from .grids import labelled_rows, save_png, to_uint8
 from .objective import FRegressionLoss, SCDLoss
 from .optim import learning_rate, make_optimizer
 from .run_dir import check_output, start_run_dir
-from .student import Student
+from .student import Student, low_pass_time_embedding
 
 
 class NonFiniteError(RuntimeError):
@@ -81,7 +81,10 @@ def setup(config: DistillConfig, accelerator: Accelerator, teacher: Teacher | No
 
 def make_student(config: DistillConfig, teacher: Teacher) -> Student:
     prediction = None if config.student.prediction == "auto" else config.student.prediction
-    return Student(teacher.student_model(prediction, config.student.dropout), config.student.logvar_channels)
+    model = teacher.student_model(prediction, config.student.dropout)
+    if config.student.time_embedding_max_frequency is not None:
+        low_pass_time_embedding(model.network, config.student.time_embedding_max_frequency)
+    return Student(model, config.student.logvar_channels)
 
 
 def restore(checkpoint: Path, student: Student, ema: EMA, optimizer: torch.optim.Optimizer) -> RunState:

@@ -139,3 +139,14 @@ def test_bad_checkpoints_on_resume(capsys, tiny_teacher, tmp_path):
     fails(capsys, *args, match="is missing or corrupted")
     assert tree(out) == before
     fails(capsys, *args[:-3], "--resume", str(tmp_path), match="is not a checkpoint folder")
+
+
+def test_demo_end_to_end_with_a_relative_output(tmp_path, monkeypatch):
+    # `make demo` passes a relative --output; the export is reloaded in a process whose cwd is elsewhere
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--output", "out", "--max-steps", "2", "--num-samples", "8"]) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["export_matches_toolkit_sampler"] is True and report["sCD_steps"] == 2
+    assert set(report["frechet_distance"]) == {"teacher_100_steps", "teacher_2_steps", "student_2_steps",
+                                               "student_1_step"}  # fmt: skip
+    assert all((tmp_path / "out" / f).is_file() for f in ("report.md", "samples.png", "pipeline/model_index.json"))
