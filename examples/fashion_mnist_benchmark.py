@@ -66,8 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     timings["distill_minutes"] = (time.time() - started) / 60
 
     started = time.time()
-    settings = EvalSettings(steps=(1, 2), teacher_steps=(2, size["teacher_steps"]), num_samples=size["num_samples"],
-                            reference_split="test")  # fmt: skip
+    settings = EvalSettings(steps=(1, 2), teacher_steps=(2, size["teacher_steps"]), num_samples=size["num_samples"])
     metrics = evaluate_fashion(result, config, teacher_dir, settings, out)
     timings["evaluate_minutes"] = (time.time() - started) / 60
 
@@ -82,7 +81,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def evaluate_fashion(result, config, teacher_dir: Path, settings: EvalSettings, out: Path) -> dict:
-    """Evaluate against the test split, brought to the training resolution with the training transform."""
+    """Evaluate against the test split, brought to the training resolution with the training transform and saved
+    as an image folder (a folder's images are its one split)."""
     from scm_distill.data import load_images
 
     test = load_images("fashion-mnist", split="test", resize_to=config.data.resize_to, pad_to=config.data.pad_to)
