@@ -47,7 +47,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="cpu")
     parser.add_argument("--output", type=Path, required=True)
-    parser.add_argument("--reuse-teacher", action="store_true", help="keep OUTPUT/teacher if it exists")
+    parser.add_argument("--reuse-teacher", action="store_true",
+                        help="keep OUTPUT/teacher if it exists (its recorded training time is reported)")
+    parser.add_argument("--reuse-run", action="store_true",
+                        help="keep OUTPUT/run if it holds an export (its logged distillation time is reported)")
     args = parser.parse_args(argv)
     size = SIZES[args.size]
     out = args.output
@@ -56,22 +59,29 @@ def main(argv: list[str] | None = None) -> None:
 
     started = time.time()
     teacher_dir = out / "teacher"
-    if not (args.reuse_teacher and teacher_dir.is_dir()):
+    if args.reuse_teacher and teacher_dir.is_dir():
+        timings["teacher_minutes"] = json.loads((teacher_dir / "teacher_info.json").read_text())["train_minutes"]
+    else:
         train_teacher(["--data", "fashion-mnist", "--output", str(teacher_dir), "--overwrite", *size["teacher"]])
-    timings["teacher_minutes"] = (time.time() - started) / 60
+        timings["teacher_minutes"] = (time.time() - started) / 60
 
     started = time.time()
     config = resolve(recipe=str(size["recipe"]), cli={"teacher": str(teacher_dir), "output": str(out / "run")})
-    result = distill(config, overwrite=True)
-    timings["distill_minutes"] = (time.time() - started) / 60
+    export_dir = out / "run" / "pipeline"
+    if args.reuse_run and (export_dir / "model_index.json").is_file():
+        last = (out / "run" / "log.jsonl").read_text().strip().splitlines()[-1]
+        timings["distill_minutes"] = json.loads(last)["seconds"] / 60
+    else:
+        export_dir = distill(config, overwrite=True).export_dir
+        timings["distill_minutes"] = (time.time() - started) / 60
 
     started = time.time()
     settings = EvalSettings(steps=(1, 2), teacher_steps=(2, size["teacher_steps"]), num_samples=size["num_samples"])
-    metrics = evaluate_fashion(result, config, teacher_dir, settings, out)
+    metrics = evaluate_fashion(export_dir, config, teacher_dir, settings, out)
     timings["evaluate_minutes"] = (time.time() - started) / 60
 
-    teacher, student = load_teacher(str(teacher_dir)), load_teacher(str(result.export_dir))
-    t_max, t_mid = export_times(result.export_dir)
+    teacher, student = load_teacher(str(teacher_dir)), load_teacher(str(export_dir))
+    t_max, t_mid = export_times(export_dir)
     speed = sampling_speed(teacher.model, student.model, student.sample_shape, size["teacher_steps"], t_max, t_mid)
     report = {"size": args.size, "machine": machine(), "torch": torch.__version__, **timings,
               "sampling_batch1": speed, "metrics": metrics}  # fmt: skip
@@ -80,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     print((out / "results.md").read_text())
 
 
-def evaluate_fashion(result, config, teacher_dir: Path, settings: EvalSettings, out: Path) -> dict:
+def evaluate_fashion(export_dir: Path, config, teacher_dir: Path, settings: EvalSettings, out: Path) -> dict:
     """Evaluate against the test split, brought to the training resolution with the training transform and saved
     as an image folder (a folder's images are its one split)."""
     from scm_distill.data import load_images
@@ -93,7 +103,7 @@ def evaluate_fashion(result, config, teacher_dir: Path, settings: EvalSettings, 
         folder.mkdir(parents=True)
         for i, image in enumerate(test.uint8_images()):
             Image.fromarray(image[0].numpy()).save(folder / f"{i:05d}.png")
-    return evaluate(result.export_dir, str(folder), out / "evaluation", str(teacher_dir), settings)
+    return evaluate(export_dir, str(folder), out / "evaluation", str(teacher_dir), settings)
 
 
 def machine() -> str:

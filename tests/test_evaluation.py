@@ -37,6 +37,21 @@ def test_evaluate_bad_inputs(tiny_run, tmp_path):
     assert not (tmp_path / "e1").exists() and not (tmp_path / "e3").exists()
 
 
+def test_evaluate_against_an_image_folder_given_by_path(tiny_run, tmp_path):
+    # a folder spec is a path (slashes, spaces): it names the reference in the report and keys the feature cache
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path / "real images" / "test"
+    folder.mkdir(parents=True)
+    for i, pixels in enumerate(np.random.default_rng(0).integers(0, 256, (16, 8, 8), dtype=np.uint8)):
+        Image.fromarray(pixels).save(folder / f"{i:03d}.png")
+    metrics = evaluate(tiny_run.export_dir, str(folder), tmp_path / "eval", None,
+                       EvalSettings(steps=(2,), teacher_steps=(), num_samples=8))  # fmt: skip
+    assert metrics["num_reference"] == 16 and metrics["reference"] == str(folder)
+    assert metrics["results"]["student@2"]["fid"] > 0
+
+
 def test_evaluate_resizes_the_reference_only_when_asked(tiny_run, tmp_path):
     settings = EvalSettings(steps=(2,), teacher_steps=(), num_samples=8, resize_reference=True)
     metrics = evaluate(tiny_run.export_dir, "mnist5k", tmp_path / "e", None, settings)

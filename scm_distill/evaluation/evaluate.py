@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,7 +95,8 @@ def evaluate(model: Path, reference: str, output: Path, teacher: str | None = No
         sets.update({f"teacher@{s}": teacher_images(teacher_model, s, settings) for s in settings.teacher_steps})
     output.mkdir(parents=True, exist_ok=True)
     results = {name: compute_metrics(images, ref, feature_extractor=extractor, weights_path=weights,
-                                     cache_dir=str(output / ".fidelity-cache"), reference_cache_key=ref_name)
+                                     cache_dir=str(output / ".fidelity-cache"),
+                                     reference_cache_key=re.sub(r"[^A-Za-z0-9_.-]+", "-", ref_name).strip("-."))
                for name, images in sets.items()}  # fmt: skip
     metrics = {"model": str(model), "teacher": teacher, "reference": ref_name, "num_reference": len(ref),
                "num_samples": settings.num_samples, "feature_extractor": extractor, "feature_note": note,
