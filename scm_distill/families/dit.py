@@ -34,7 +34,7 @@ from .base import ExportInfo, read_model_index
 from .guidance import GuidedModel, expand_condition, sample_guidance_scales
 from .guided_latent import GUIDANCE_COMPONENT, GuidedLatentTeacher, GuidedTransformer, with_guidance_input
 from .latent import LatentSpace
-from .lcm import consistency_timesteps, lcm_consistency_samples, lcm_scheduler
+from .lcm import consistency_timesteps, lcm_export_samples, lcm_scheduler
 from .sd import half_precision_only, quiet_loading
 from .vp import scheduler_config, vp_prediction, vp_process
 
@@ -154,9 +154,8 @@ class DiTTeacher(GuidedLatentTeacher):
                             t_mid: float, generator, condition: Condition | None = None,
                             device=None) -> Tensor:  # fmt: skip
         """The export's sampler: the sCM times snapped to integer timesteps, a stock LCMScheduler (lcm.py)."""
-        timesteps = consistency_timesteps(model.process, num_steps, t_max, t_mid)
-        scheduler = lcm_scheduler(self.scheduler_config, model.prediction)
-        return lcm_consistency_samples(model, shape, timesteps, scheduler, generator, condition, device or self.device)
+        return lcm_export_samples(model, self.scheduler_config, shape, num_steps, t_max, t_mid, generator, condition,
+                                  device or self.device)  # fmt: skip
 
     # --- export --------------------------------------------------------------------------------------------
 

@@ -30,7 +30,7 @@ from torch import Tensor
 from ..parameterization import Condition
 from .base import ExportInfo
 from .flow import FlowTeacher
-from .guided_latent import placed_like
+from .guided_latent import rebuilt_with_guidance_embedding
 
 MAX_SEQUENCE_LENGTH = 512  # T5 tokens, FluxPipeline's default
 
@@ -83,15 +83,7 @@ def flux_call(network: torch.nn.Module, x: Tensor, time: Tensor, condition: Cond
 def transformer_with_guidance_embedding(transformer: FluxTransformer2DModel) -> FluxTransformer2DModel:
     """The transformer rebuilt with `guidance_embeds`, its weights loaded, the new embedding's last layer zero (its
     output is then exactly 0, so the student equals the teacher at init)."""
-    student = FluxTransformer2DModel.from_config(transformer.config, guidance_embeds=True)
-    missing, unexpected = student.load_state_dict(transformer.state_dict(), strict=False)
-    if unexpected or not all(key.startswith("time_text_embed.guidance_embedder.") for key in missing):
-        raise ValueError(f"the FLUX transformer cannot take a guidance embedding (missing {missing}, unexpected "
-                         f"{unexpected}).")  # fmt: skip
-    last = student.time_text_embed.guidance_embedder.linear_2
-    torch.nn.init.zeros_(last.weight)
-    torch.nn.init.zeros_(last.bias)
-    return placed_like(student, transformer)
+    return rebuilt_with_guidance_embedding(transformer, "time_text_embed")
 
 
 class FluxTeacher(FlowTeacher):

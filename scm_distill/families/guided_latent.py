@@ -127,3 +127,18 @@ class GuidedLatentTeacher(Teacher):
 
     def decode(self, x0: Tensor) -> Tensor:
         return self.space.decode(x0)
+
+
+def rebuilt_with_guidance_embedding(transformer: nn.Module, embedding: str, weights: dict | None = None) -> nn.Module:
+    """`transformer` rebuilt from its config with `guidance_embeds=True` and its weights (`weights`, if the new
+    config renames some), the new `{embedding}.guidance_embedder` the only missing keys; the embedder's last layer is
+    zeroed, so its output is exactly 0 and the student equals the teacher at init (FLUX, Sana)."""
+    student = type(transformer).from_config(transformer.config, guidance_embeds=True)
+    missing, unexpected = student.load_state_dict(weights or transformer.state_dict(), strict=False)
+    if unexpected or not all(key.startswith(f"{embedding}.guidance_embedder.") for key in missing):
+        raise ValueError(f"the {type(transformer).__name__} cannot take a guidance embedding (missing {missing}, "
+                         f"unexpected {unexpected}).")  # fmt: skip
+    last = student.get_submodule(f"{embedding}.guidance_embedder.linear_2")
+    torch.nn.init.zeros_(last.weight)
+    torch.nn.init.zeros_(last.bias)
+    return placed_like(student, transformer)

@@ -68,3 +68,13 @@ def lcm_consistency_samples(model: NativeModel, shape: tuple[int, ...], timestep
         out = model.network_call(model.network, x, tau, condition or {})
         x = scheduler.step(out, tau, x, generator=generator, return_dict=False)[0]
     return x
+
+
+def lcm_export_samples(model: NativeModel, schedule_config: dict, shape: tuple[int, ...], num_steps: int,
+                       t_max: float, t_mid: float, generator, condition: Condition | None = None,
+                       device=None) -> Tensor:  # fmt: skip
+    """The sampler of an LCMScheduler export (SD, SDXL, DiT): the sCM times snapped to integer timesteps, then
+    `lcm_consistency_samples` with a stock LCMScheduler on the teacher's schedule."""
+    timesteps = consistency_timesteps(model.process, num_steps, t_max, t_mid)
+    scheduler = lcm_scheduler(schedule_config, model.prediction)
+    return lcm_consistency_samples(model, shape, timesteps, scheduler, generator, condition, device)

@@ -31,7 +31,7 @@ from ..lora import has_lora, merged_copy
 from ..parameterization import Condition
 from .base import ExportInfo
 from .flow import FlowTeacher
-from .guided_latent import placed_like
+from .guided_latent import rebuilt_with_guidance_embedding
 
 MAX_SEQUENCE_LENGTH = 300  # Gemma tokens, SanaPipeline's default
 OLD_TIME_EMBED, NEW_TIME_EMBED = "time_embed.emb.timestep_embedder.", "time_embed.timestep_embedder."
@@ -54,16 +54,8 @@ def sana_call(network: torch.nn.Module, x: Tensor, time: Tensor, condition: Cond
 def transformer_with_guidance_embedding(transformer: SanaTransformer2DModel) -> SanaTransformer2DModel:
     """The transformer rebuilt with `guidance_embeds`: the time embedding's weights move to their new names, the
     guidance embedding's last layer is zero (its output is exactly 0, so the student equals the teacher)."""
-    student = SanaTransformer2DModel.from_config(transformer.config, guidance_embeds=True)
     weights = {key.replace(OLD_TIME_EMBED, NEW_TIME_EMBED): value for key, value in transformer.state_dict().items()}
-    missing, unexpected = student.load_state_dict(weights, strict=False)
-    if unexpected or not all(key.startswith("time_embed.guidance_embedder.") for key in missing):
-        raise ValueError(f"the Sana transformer cannot take a guidance embedding (missing {missing}, unexpected "
-                         f"{unexpected}).")  # fmt: skip
-    last = student.time_embed.guidance_embedder.linear_2
-    torch.nn.init.zeros_(last.weight)
-    torch.nn.init.zeros_(last.bias)
-    return placed_like(student, transformer)
+    return rebuilt_with_guidance_embedding(transformer, "time_embed", weights)
 
 
 class SanaTeacher(FlowTeacher):

@@ -38,7 +38,7 @@ from ..student import set_dropout, student_prediction
 from .base import ExportInfo, Teacher, component_class
 from .guidance import GuidedModel, expand_condition, guidance_embedding, guidance_range, sample_guidance_scales
 from .latent import LatentData, LatentSpace
-from .lcm import consistency_timesteps, lcm_consistency_samples, lcm_scheduler
+from .lcm import consistency_timesteps, lcm_export_samples, lcm_scheduler
 from .vp import scheduler_config, vp_prediction, vp_process
 
 if TYPE_CHECKING:
@@ -249,9 +249,8 @@ class StableDiffusionTeacher(Teacher):
                             t_mid: float, generator, condition: Condition | None = None,
                             device=None) -> Tensor:  # fmt: skip
         """The export's sampler (lcm.py): the sCM times snapped to integer timesteps, noise in the latent space."""
-        timesteps = consistency_timesteps(model.process, num_steps, t_max, t_mid)
-        scheduler = lcm_scheduler(self.scheduler_config, model.prediction)
-        return lcm_consistency_samples(model, shape, timesteps, scheduler, generator, condition, device or self.device)
+        return lcm_export_samples(model, self.scheduler_config, shape, num_steps, t_max, t_mid, generator, condition,
+                                  device or self.device)  # fmt: skip
 
     # --- export --------------------------------------------------------------------------------------------
 
