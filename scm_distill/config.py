@@ -218,6 +218,8 @@ def validate(config: DistillConfig) -> DistillConfig:
         ((config.optim.convert_lr or 1) > 0, "optim.convert_lr must be positive."),
         (config.objective.P_std > 0, f"objective.P_std must be positive, got {config.objective.P_std}."),
         (config.objective.tangent_norm_c >= 0, "objective.tangent_norm_c must be non-negative."),
+        (not config.objective.compile_jvp or config.objective.jvp == "exact",
+         "objective.compile_jvp compiles the exact JVP; it cannot be combined with objective.jvp finite_difference."),
         (0 <= config.student.dropout < 1, f"student.dropout must be in [0, 1), got {config.student.dropout}."),
         (0 < config.sampling.t_mid < 1.5708, f"sampling.t_mid must be in (0, pi/2), got {config.sampling.t_mid}."),
         (config.sampling.sigma_max > 0, "sampling.sigma_max must be positive."),

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from .attention import jvp
+from .compiled_jvp import compiled_jvp_of_F
 from .parameterization import Condition, NativeModel
 from .processes import clamp_time
 from .student import Student
@@ -80,6 +81,7 @@ class SCDConfig:
     jvp: JVPMode = "exact"  # torch.func.jvp, or a central finite difference
     finite_difference_h: float = 1e-3  # step of the finite-difference JVP, in units of the tangent
     attention: Literal["auto", "fused", "math"] = "auto"  # attention path used only inside the JVP
+    compile_jvp: bool = False  # torch.compile F and its JVP into one graph (exact JVP only; compiled_jvp.py)
 
 
 def noisy_batch(x0: Tensor, cfg: SCDConfig, teacher: NativeModel, generator: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -125,6 +127,8 @@ class SCDLoss:
 
         if self.config.jvp == "finite_difference":
             return finite_difference_jvp(F, x_t, t, v_x, v_t, self.config.finite_difference_h)
+        if self.config.compile_jvp:
+            return compiled_jvp_of_F(student, x_t, t, v_x, v_t, condition, attention=self.config.attention)
         return jvp(F, (x_t, t), (v_x, v_t), attention=self.config.attention)
 
 

@@ -49,8 +49,9 @@ def _autocast(device: torch.device, precision: str):
 
 
 def training_cost(case: CostCase, device: torch.device, precision: str = "fp32", attention: str = "auto",
-                  warmup: int = 2, repeats: int = 5) -> dict:  # fmt: skip
-    """Median times (ms) and peak memory of every part of a diffusion step and of an sCD step."""
+                  compile_jvp: bool = False, warmup: int = 2, repeats: int = 5) -> dict:  # fmt: skip
+    """Median times (ms) and peak memory of every part of a diffusion step and of an sCD step (with the JVP
+    compiled when `compile_jvp`; its compilation happens in the warm-up and is timed separately)."""
     torch.manual_seed(0)
     network = case.make_network().to(device)
     process = VPProcess(DDPMScheduler().alphas_cumprod, 0.5).to(device)
@@ -63,7 +64,7 @@ def training_cost(case: CostCase, device: torch.device, precision: str = "fp32",
     tau = torch.randint(0, 1000, (B,), device=device)
     t = torch.full((B,), 1.0, device=device)
     x_t = torch.cos(t).view(-1, *[1] * len(case.sample_shape)) * x0 + 0.5 * torch.randn_like(x0)
-    scd = SCDLoss(teacher, SCDConfig(attention=attention, tangent_warmup_steps=0))
+    scd = SCDLoss(teacher, SCDConfig(attention=attention, tangent_warmup_steps=0, compile_jvp=compile_jvp))
     amp = _autocast(device, precision)
     with torch.no_grad(), amp:
         dxdt = teacher.velocity(x_t, t, condition)
@@ -108,13 +109,15 @@ def training_cost(case: CostCase, device: torch.device, precision: str = "fp32",
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    compile_ms = measure(jvp, device, warmup=0, repeats=1).median_ms if compile_jvp else None  # first call compiles
     parts = {"forward": forward, "diffusion_step": diffusion_step, "teacher_forward": teacher_forward, "jvp": jvp,
              "student_forward_backward": student_forward_backward, "optimizer_step": optimizer_step,
              "scd_step": scd_step}  # fmt: skip
     timings = {name: measure(fn, device, warmup, repeats).as_dict() for name, fn in parts.items()}
     ms = {name: timing["median_ms"] for name, timing in timings.items()}
     return {
-        "case": case.name, "precision": precision, "attention": attention, "batch_size": B,
+        "case": case.name, "precision": precision, "attention": attention, "compile_jvp": compile_jvp,
+        "first_jvp_call_ms": compile_ms, "batch_size": B,
         "parameters_M": round(sum(p.numel() for p in network.parameters()) / 1e6, 2),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "timings": timings,
@@ -196,17 +199,47 @@ def dit_case(tokens: int, batch_size: int, depth: int = 28, heads: int = 16, hea
                     batch_size, condition)  # fmt: skip
 
 
-# Suites: (case factory, precision, attention) in the order they run (most important first).
+def sd_unet_case(batch_size: int, latent_size: int = 64, widths: tuple[int, ...] = (320, 640, 1280, 1280),
+                 layers: int = 2, text_tokens: int = 77, text_dim: int = 768, heads: int = 8) -> CostCase:  # fmt: skip
+    """The Stable Diffusion 1.5 UNet2DConditionModel layout by default (860M parameters, cross-attention to 77 text
+    states of width 768, 4 latent channels; 64x64 latents = 512 px)."""
+    from diffusers import UNet2DConditionModel
+
+    from ..families.sd import unet_call
+
+    down = ("CrossAttnDownBlock2D",) * (len(widths) - 1) + ("DownBlock2D",)
+    up = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (len(widths) - 1)
+
+    def make():
+        return UNet2DConditionModel(sample_size=latent_size, in_channels=4, out_channels=4, block_out_channels=widths,
+                                    down_block_types=down, up_block_types=up, layers_per_block=layers,
+                                    cross_attention_dim=text_dim, attention_head_dim=heads,
+                                    norm_num_groups=min(32, widths[0]))  # fmt: skip
+
+    def condition(B, device):
+        return {"encoder_hidden_states": torch.randn(B, text_tokens, text_dim, device=device)}
+
+    return CostCase(f"SD-size UNet2DConditionModel ({'-'.join(map(str, widths))}) at {latent_size}x{latent_size} "
+                    f"latents", make, unet_call, (4, latent_size, latent_size), batch_size, condition)  # fmt: skip
+
+
+def demo_unet_case() -> CostCase:
+    return unet2d_case("UNet2DModel 16px (demo size)", 16, (32, 64, 64), (1,), 1, 64, 1, 8)
+
+
+# Suites: (case factory, precision, attention, compile_jvp) in the order they run (most important first).
 SUITES = {
-    "cpu-small": [(lambda: unet2d_case("UNet2DModel 16px (demo size)", 16, (32, 64, 64), (1,), 1, 64, 1, 8), p, "auto")
-                  for p in ("fp32",)],
+    "cpu-small": [(demo_unet_case, "fp32", "auto", False), (demo_unet_case, "fp32", "auto", True)],
     "gpu": [
-        (lambda: ddpm_cifar10_case(128), "bf16", "auto"),
-        (lambda: dit_case(4096, 4), "bf16", "auto"),
-        (lambda: ddpm_cifar10_case(128), "fp32", "auto"),
-        (lambda: dit_case(1024, 16), "bf16", "auto"),
-        (lambda: ddpm_cifar10_case(128), "bf16", "math"),
-        (lambda: dit_case(1024, 16), "fp32", "auto"),
+        (lambda: ddpm_cifar10_case(128), "bf16", "auto", False),
+        (lambda: ddpm_cifar10_case(128), "bf16", "auto", True),
+        (lambda: dit_case(4096, 4), "bf16", "auto", False),
+        (lambda: sd_unet_case(8), "bf16", "auto", False),
+        (lambda: dit_case(4096, 4), "bf16", "auto", True),
+        (lambda: ddpm_cifar10_case(128), "fp32", "auto", False),
+        (lambda: dit_case(1024, 16), "bf16", "auto", False),
+        (lambda: ddpm_cifar10_case(128), "bf16", "math", False),
+        (lambda: dit_case(1024, 16), "fp32", "auto", False),
     ],
 }  # fmt: skip
 
@@ -218,11 +251,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", type=Path, required=True, help="JSON lines, one record per measurement")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    for make_case, precision, attention in SUITES[args.suite]:
-        record = training_cost(make_case(), device, precision, attention, repeats=args.repeats)
+    for make_case, precision, attention, compile_jvp in SUITES[args.suite]:
+        record = training_cost(make_case(), device, precision, attention, compile_jvp, repeats=args.repeats)
         with args.output.open("a") as f:  # one record at a time: a late crash keeps the earlier ones
             f.write(json.dumps(record) + "\n")
-        summary = {k: record[k] for k in ("case", "precision", "attention", "scd_over_diffusion", "jvp_over_forward")}
+        keys = ("case", "precision", "attention", "compile_jvp", "scd_over_diffusion", "jvp_over_forward")
+        summary = {k: record[k] for k in keys}
         print(json.dumps(summary), flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
