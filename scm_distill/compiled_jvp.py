@@ -7,8 +7,11 @@ internal assert (`_fw_primal` under fake tensors; the class of pytorch/pytorch#1
 back to eager for the whole frame. Inside the compiled function GroupNorm is therefore written out as its
 definition (mean and variance per group), which traces; nothing changes outside it.
 
-Attention stays as `attention.jvp_attention` sets it up (entered outside the compiled function); shapes that
-change (a last, smaller batch) recompile once and are then cached by Dynamo.
+Attention stays as `attention.jvp_attention` sets it up (entered outside the compiled function). With MATH
+attention (CPU, or `objective.attention: math`) the whole JVP is one graph. Calls routed to the fused Triton kernel
+(an autograd.Function with a forward-mode rule) are not captured: under TRITON_INTERPRET=1 Dynamo returns a
+trivial graph and the JVP runs eagerly - the same result, without the gain. Shapes that change (a last, smaller
+batch) recompile once and are then cached by Dynamo.
 """
 
 from __future__ import annotations

@@ -3,9 +3,11 @@
 import json
 
 import pytest
+import torch
 from conftest import run_cli
 
 from scm_distill.evaluation.bench import BenchSettings, bench
+from scm_distill.evaluation.cost import dit_case, sd_unet_case, training_cost
 from scm_distill.evaluation.evaluate import EvalSettings, evaluate
 
 SMALL = EvalSettings(steps=(1, 2), teacher_steps=(2,), num_samples=12, batch_size=6)
@@ -71,3 +73,15 @@ def test_bench_smoke(tiny_run, tiny_teacher, tmp_path):
     assert all((tmp_path / "bench" / f).is_file() for f in ("bench.json", "training.png", "scaling.png"))
     # central difference in fp32: O(h^2) truncation + O(eps_fp32 / h) rounding, ~1e-4 relative at h = 1e-3
     assert results["finite_difference"][0]["relative_error"]["h=0.001"] < 1e-2
+
+
+@pytest.mark.parametrize("make_case", [
+    lambda: sd_unet_case(2, latent_size=8, widths=(32, 64), layers=1, text_tokens=5, text_dim=16, heads=2),
+    lambda: dit_case(tokens=16, batch_size=2, depth=1, heads=2, head_dim=8),
+])  # fmt: skip
+def test_gpu_suite_cases_build_and_time_on_cpu(make_case):
+    """The cost suite's conditional cases (cross-attention to text states; class labels) at toy sizes: every part of
+    both steps runs, so a GPU session spends its minutes measuring rather than debugging."""
+    record = training_cost(make_case(), torch.device("cpu"), warmup=0, repeats=1)
+    assert all(t["median_ms"] > 0 for t in record["timings"].values())
+    assert record["scd_over_diffusion"] > 0 and record["compile_jvp"] is False
