@@ -1,5 +1,7 @@
 """objective.compile_jvp: the compiled tangent pass is one graph and equals the eager torch.func.jvp."""
 
+import shutil
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -56,6 +58,8 @@ def test_compiled_jvp_is_one_graph_and_equals_eager():
     torch.testing.assert_close(dF_c, dF_e, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                    reason="Inductor's CPU code generation needs a C++ compiler")  # fmt: skip
 def test_scd_loss_with_inductor_compiled_jvp_equals_eager():
     """The option as training uses it: SCDLoss(compile_jvp=True) with Inductor's generated code, float32."""
     teacher, student, x_t, t, v_x, v_t = tiny_case(torch.float32)
