@@ -94,9 +94,9 @@ def evaluate(model: Path, reference: str, output: Path, teacher: str | None = No
         teacher_model = load_teacher(teacher)
         sets.update({f"teacher@{s}": teacher_images(teacher_model, s, settings) for s in settings.teacher_steps})
     output.mkdir(parents=True, exist_ok=True)
+    cache_key = re.sub(r"[^A-Za-z0-9_.-]+", "-", ref_name).strip("-.")  # a folder path names a file-safe key
     results = {name: compute_metrics(images, ref, feature_extractor=extractor, weights_path=weights,
-                                     cache_dir=str(output / ".fidelity-cache"),
-                                     reference_cache_key=re.sub(r"[^A-Za-z0-9_.-]+", "-", ref_name).strip("-."))
+                                     cache_dir=str(output / ".fidelity-cache"), reference_cache_key=cache_key)
                for name, images in sets.items()}  # fmt: skip
     metrics = {"model": str(model), "teacher": teacher, "reference": ref_name, "num_reference": len(ref),
                "num_samples": settings.num_samples, "feature_extractor": extractor, "feature_note": note,
