@@ -2,9 +2,11 @@
 
 - sampling: latency at batch 1 and throughput at a large batch; the teacher's own sampler at its default steps
   against the student at 1 and 2 steps; network time (toolkit samplers) and end to end (the pipelines'
-  default calls, decoding and post-processing included);
+  default calls, decoding and post-processing included, through export.call: prompts for text-to-image);
 - training: a plain diffusion step of the student's network against one sCD step, broken into its parts
   (evaluation.cost), peak memory, ratios;
+Exports that no family adapter reads back as a model (those with a guidance input: SD, SDXL, DiT, the flow
+families) get the end-to-end rows only; their training cost is `python -m scm_distill.evaluation.cost`'s.
 - scaling: the training table over resolution and width of a UNet2DModel family, so growth is visible.
 CPU runs are small by default. Writes bench.json and PNG plots.
 """
@@ -18,8 +20,9 @@ from pathlib import Path
 
 import torch
 
-from ..export.load import load_export
-from ..families import load_teacher
+from ..export.call import PipelineSampler
+from ..export.load import export_index
+from ..families import Teacher, load_teacher
 from .cost import CostCase, finite_difference_error, training_cost, unet2d_case
 from .speed import sampling_speed
 from .timing import measure
@@ -34,32 +37,45 @@ class BenchSettings:
     widths: tuple[int, ...] | None = None  # default: 64-256 on GPU, 16-64 on CPU
     repeats: int = 3
     scaling: bool = True
+    prompt: str = "a photograph of a cat"  # text-to-image pipelines are timed on this prompt
 
 
 def export_times(folder: Path) -> tuple[float, float]:
-    index = json.loads((Path(folder) / "model_index.json").read_text())
+    index = export_index(folder)
     return index["t_max"], index["t_mid"]
 
 
-def end_to_end_ms(folder: str | Path, batch_size: int, steps: int, device: torch.device, repeats: int) -> float:
-    """Median time of a pipeline's own call (what a user times), output as tensors."""
-    pipe = load_export(folder).to(device)
-    pipe.set_progress_bar_config(disable=True)
-
-    def call():
-        pipe(batch_size=batch_size, num_inference_steps=steps, output_type="pt",
-             generator=torch.Generator(device).manual_seed(0))  # fmt: skip
-
-    return measure(call, device, warmup=1, repeats=repeats).median_ms
+def end_to_end_ms(folder: str | Path, batch_size: int, steps: int, device: torch.device, repeats: int,
+                  prompt: str) -> float:  # fmt: skip
+    """Median time of a pipeline's own call (what a user times), output as tensors; text-to-image pipelines are
+    called with `prompt`."""
+    sampler = PipelineSampler(folder, device=device, default_prompt=prompt)
+    return measure(lambda: sampler(batch_size, steps), device, warmup=1, repeats=repeats).median_ms
 
 
-def sampling_table(model: Path, teacher: str | None, settings: BenchSettings, device: torch.device) -> dict:
-    student = load_teacher(str(model), device=device)
-    t_max, t_mid = export_times(model)
+def readable_export(model: Path, device: torch.device) -> tuple[Teacher | None, str | None]:
+    """The export read back by its family adapter, or None and why not."""
+    if "t_max" not in export_index(model):
+        return None, "a stock pipeline; its consistency times are in scm_call.json"
+    try:
+        return load_teacher(str(model), device=device), None
+    except ValueError as error:
+        return None, str(error)
+
+
+def sampling_table(model: Path, student: Teacher | None, teacher: str | None, settings: BenchSettings,
+                   device: torch.device) -> dict:  # fmt: skip
     big = settings.throughput_batch or (256 if device.type == "cuda" else 64)
     table: dict = {"throughput_batch": big}
     if teacher is None:
         return table
+    teacher_e2e = end_to_end_ms(teacher, 1, settings.teacher_steps, device, settings.repeats, settings.prompt)
+    student_e2e = end_to_end_ms(model, 1, 2, device, settings.repeats, settings.prompt)
+    table["end_to_end_batch1"] = {"teacher_ms": teacher_e2e, "student_2_step_ms": student_e2e,
+                                  "speedup_2_step": teacher_e2e / student_e2e}  # fmt: skip
+    if student is None:
+        return table
+    t_max, t_mid = export_times(model)
     reference = load_teacher(teacher, device=device)
     for batch in (1, big):
         row = sampling_speed(reference.model, student.model, student.sample_shape, settings.teacher_steps, t_max,
@@ -67,10 +83,6 @@ def sampling_table(model: Path, teacher: str | None, settings: BenchSettings, de
         row["teacher_images_per_s"] = batch / row["teacher_ms"] * 1000
         row["student_2_step_images_per_s"] = batch / row["student_2_step_ms"] * 1000
         table[f"network_batch{batch}"] = row
-    teacher_e2e = end_to_end_ms(teacher, 1, settings.teacher_steps, device, settings.repeats)
-    student_e2e = end_to_end_ms(model, 1, 2, device, settings.repeats)
-    table["end_to_end_batch1"] = {"teacher_ms": teacher_e2e, "student_2_step_ms": student_e2e,
-                                  "speedup_2_step": teacher_e2e / student_e2e}  # fmt: skip
     return table
 
 
@@ -89,17 +101,22 @@ def scaling_cases(settings: BenchSettings, device: torch.device) -> list[CostCas
 
 def bench(model: Path, output: Path, teacher: str | None = None, settings: BenchSettings = BenchSettings()) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    student = load_teacher(str(model), device=device)
-    train_batch = settings.train_batch or (128 if device.type == "cuda" else 16)
-    case = CostCase("exported student network", lambda: copy.deepcopy(student.model.network),
-                    student.model.network_call, student.sample_shape, train_batch,
-                    lambda B, d: student.sample_condition(B, torch.Generator().manual_seed(0)))  # fmt: skip
-    precisions = ("fp32", "bf16") if device.type == "cuda" else ("fp32",)
+    student, unreadable = readable_export(model, device)
     results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                "torch": torch.__version__, "model": str(model), "teacher": teacher,
-               "sampling": sampling_table(model, teacher, settings, device),
-               "training": [training_cost(case, device, p, repeats=settings.repeats) for p in precisions],
-               "finite_difference": [finite_difference_error(case, device, p) for p in precisions]}  # fmt: skip
+               "sampling": sampling_table(model, student, teacher, settings, device),
+               "training": [], "finite_difference": []}  # fmt: skip
+    if student is None:
+        results["note"] = (f"end-to-end sampling only: the export is not read back as a model ({unreadable}); "
+                           f"training cost: python -m scm_distill.evaluation.cost")  # fmt: skip
+    else:
+        train_batch = settings.train_batch or (128 if device.type == "cuda" else 16)
+        case = CostCase("exported student network", lambda: copy.deepcopy(student.model.network),
+                        student.model.network_call, student.sample_shape, train_batch,
+                        lambda B, d: student.sample_condition(B, torch.Generator().manual_seed(0)))  # fmt: skip
+        precisions = ("fp32", "bf16") if device.type == "cuda" else ("fp32",)
+        results["training"] = [training_cost(case, device, p, repeats=settings.repeats) for p in precisions]
+        results["finite_difference"] = [finite_difference_error(case, device, p) for p in precisions]
     if settings.scaling:
         precision = "bf16" if device.type == "cuda" else "fp32"
         results["scaling"] = [training_cost(c, device, precision, repeats=settings.repeats)
@@ -111,14 +128,22 @@ def bench(model: Path, output: Path, teacher: str | None = None, settings: Bench
 
 
 def plot_bench(results: dict, output: Path) -> None:
+    """training.png (sCD step parts against a diffusion step) and scaling.png, for the tables that were measured."""
     import matplotlib
 
     matplotlib.use("Agg")
+    if results["training"]:
+        plot_training(results["training"], output / "training.png")
+    if results.get("scaling"):
+        plot_scaling(results["scaling"], output / "scaling.png")
+
+
+def plot_training(records: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     parts = ["teacher_forward", "jvp", "student_forward_backward", "optimizer_step"]
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for i, record in enumerate(results["training"]):
+    for i, record in enumerate(records):
         bottom = 0.0
         for part in parts:
             ms = record["timings"][part]["median_ms"]
@@ -126,19 +151,23 @@ def plot_bench(results: dict, output: Path) -> None:
             bottom += ms
         ax.bar(i + 0.4, record["timings"]["diffusion_step"]["median_ms"], width=0.3, color="grey",
                label="diffusion step" if i == 0 else None)  # fmt: skip
-    ax.set_xticks(range(len(results["training"])), [r["precision"] for r in results["training"]])
+    ax.set_xticks(range(len(records)), [r["precision"] for r in records])
     ax.set_ylabel("ms per step")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(output / "training.png", dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
-    if "scaling" in results:
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        names = [r["case"] for r in results["scaling"]]
-        ax.plot(names, [r["scd_over_diffusion"] for r in results["scaling"]], marker="o", label="sCD / diffusion")
-        ax.plot(names, [r["jvp_over_forward"] for r in results["scaling"]], marker="s", label="JVP / forward")
-        ax.tick_params(axis="x", rotation=60, labelsize=6)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(output / "scaling.png", dpi=120)
-        plt.close(fig)
+
+
+def plot_scaling(records: list[dict], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    names = [r["case"] for r in records]
+    ax.plot(names, [r["scd_over_diffusion"] for r in records], marker="o", label="sCD / diffusion")
+    ax.plot(names, [r["jvp_over_forward"] for r in records], marker="s", label="JVP / forward")
+    ax.tick_params(axis="x", rotation=60, labelsize=6)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data import load_images
-from ..export.load import load_export
+from ..export.call import PipelineSampler
 from ..families import load_teacher
 from ..generate import teacher_samples
 from ..grids import labelled_rows, save_png, to_uint8
@@ -36,6 +36,7 @@ class EvalSettings:
     inception_weights: str | None = None
     resize_reference: bool = False  # resize reference images to the model's resolution (bilinear, antialias)
     reference_split: str = "train"
+    prompts: tuple[str, ...] | None = None  # text-to-image: the prompts, in order, cycled over the samples
 
 
 def reference_images(spec: str, shape: tuple[int, ...], settings: EvalSettings) -> tuple[torch.Tensor, str]:
@@ -54,25 +55,27 @@ def reference_images(spec: str, shape: tuple[int, ...], settings: EvalSettings) 
     return images, data.name
 
 
-def student_images(folder: Path, steps: int, settings: EvalSettings) -> torch.Tensor:
+def student_images(sampler: PipelineSampler, steps: int, settings: EvalSettings) -> torch.Tensor:
     """uint8 samples of an exported pipeline at `steps` network evaluations (chunked, seeded per chunk)."""
-    pipe = load_export(folder)
     chunks, done = [], 0
     while done < settings.num_samples:
         n = min(settings.batch_size, settings.num_samples - done)
-        generator = torch.Generator().manual_seed(settings.seed + done)
-        images = pipe(batch_size=n, generator=generator, num_inference_steps=steps, output_type="pt").images
-        chunks.append((images.float().cpu() * 255).round().clamp(0, 255).to(torch.uint8))
+        chunks.append(sampler(n, steps, settings.seed + done, start=done))
         done += n
     return torch.cat(chunks)
 
 
 def teacher_images(teacher, steps: int, settings: EvalSettings) -> torch.Tensor:
+    """uint8 samples of the teacher's own sampler; prompts (if any) in the same order as the student's."""
+    prompts = settings.prompts
     chunks, done = [], 0
     while done < settings.num_samples:
         n = min(settings.batch_size, settings.num_samples - done)
         generator = torch.Generator().manual_seed(settings.seed + done)
-        condition = teacher.sample_condition(n, generator)
+        if prompts:
+            condition = teacher.prompt_condition([prompts[(done + i) % len(prompts)] for i in range(n)])
+        else:
+            condition = teacher.sample_condition(n, generator)
         x0 = teacher_samples(teacher.model, (n, *teacher.sample_shape), steps, generator, condition)
         chunks.append(to_uint8(teacher.decode(x0)))
         done += n
@@ -87,9 +90,10 @@ def evaluate(model: Path, reference: str, output: Path, teacher: str | None = No
         raise ValueError(f"--num-samples must be at least 4 (covariance and 3-nearest-neighbour recall), "
                          f"got {settings.num_samples}.")  # fmt: skip
     extractor, weights, note = resolve_feature_extractor(settings.feature_extractor, settings.inception_weights)
-    student_model = load_teacher(str(model))  # the export read by its own family adapter: gives the sample shape
-    ref, ref_name = reference_images(reference, student_model.sample_shape, settings)
-    sets = {f"student@{s}": student_images(model, s, settings) for s in settings.steps}
+    sampler = PipelineSampler(model, settings.prompts)
+    shape = tuple(sampler(1, min(settings.steps), settings.seed).shape[1:])  # one image: the export's output shape
+    ref, ref_name = reference_images(reference, shape, settings)
+    sets = {f"student@{s}": student_images(sampler, s, settings) for s in settings.steps}
     if teacher:
         teacher_model = load_teacher(teacher)
         sets.update({f"teacher@{s}": teacher_images(teacher_model, s, settings) for s in settings.teacher_steps})
@@ -99,7 +103,8 @@ def evaluate(model: Path, reference: str, output: Path, teacher: str | None = No
                                      cache_dir=str(output / ".fidelity-cache"), reference_cache_key=cache_key)
                for name, images in sets.items()}  # fmt: skip
     metrics = {"model": str(model), "teacher": teacher, "reference": ref_name, "num_reference": len(ref),
-               "num_samples": settings.num_samples, "feature_extractor": extractor, "feature_note": note,
+               "num_samples": settings.num_samples, "num_prompts": len(settings.prompts or ()),
+               "feature_extractor": extractor, "feature_note": note,
                "results": results}  # fmt: skip
     write_evaluation(output, metrics, sets)
     return metrics

@@ -104,6 +104,11 @@ class Teacher(ABC):
     def sample_condition(self, batch_size: int, generator: torch.Generator) -> Condition:
         """Condition for unconditional/class-conditional sample grids and evaluation."""
 
+    def prompt_condition(self, prompts: list[str]) -> Condition:
+        """Condition for sampling with these prompts (evaluation with --prompts); text-to-image families override
+        it."""
+        raise ValueError(f"teacher '{self.source}' is not a text-to-image model; it takes no prompts.")
+
     @abstractmethod
     def export(self, network: torch.nn.Module, folder: Path, info: ExportInfo) -> None:
         """Write a pipeline folder (into an empty `folder`) that samples with the student in 2 steps."""

@@ -29,6 +29,7 @@ import diffusers
 import torch
 from torch import Tensor
 
+from ..export.call import CALL_FILE
 from ..export.card import write_model_card
 from ..lora import WEIGHTS_NAME, add_lora, base_call, check_lora, has_lora, lora_state_dict, merged_copy
 from ..parameterization import Condition, NativeModel, NetworkCall, Prediction, freeze
@@ -203,9 +204,12 @@ class FlowTeacher(GuidedLatentTeacher):
         s = sample_guidance_scales(x0.shape[0], *self.scales, generator)
         return x0, self.condition(batch["caption"], s)
 
+    def prompt_condition(self, prompts: list[str]) -> Condition:
+        return self.condition(list(prompts), self.default_scale)
+
     def sample_condition(self, batch_size: int, generator: torch.Generator) -> Condition:
         pool = self.prompts or ("",)
-        return self.condition([pool[i % len(pool)] for i in range(batch_size)], self.default_scale)
+        return self.prompt_condition([pool[i % len(pool)] for i in range(batch_size)])
 
     def prepare(self, images) -> None:
         super().prepare(images)
@@ -322,8 +326,6 @@ class FlowTeacher(GuidedLatentTeacher):
         info = dataclasses.replace(info, sigma_data=round(self.model.sigma_d, 6), card_facts=facts)
         write_model_card(folder, info, usage=usage, pipeline_tag="text-to-image")
 
-
-CALL_FILE = "scm_call.json"  # keyword arguments of the exact 2-step (and 1-step) call of a stock pipeline
 
 FILE_USAGE = """\
 import torch

@@ -31,6 +31,7 @@ from diffusers import UNet2DConditionModel
 from safetensors import safe_open
 from torch import Tensor
 
+from ..export.call import CALL_FILE
 from ..export.card import write_model_card
 from ..lora import WEIGHTS_NAME, add_lora, base_call, check_lora, has_lora, merged_copy, save_lora
 from ..parameterization import Condition, NativeModel, Prediction, freeze
@@ -43,8 +44,6 @@ from .vp import scheduler_config, vp_prediction, vp_process
 
 if TYPE_CHECKING:
     from ..config import DistillConfig, LoraConfig
-
-CALL_FILE = "scm_call.json"  # keyword arguments of the exact 2-step (and 1-step) call, next to model_index.json
 
 
 def unet_call(network: torch.nn.Module, x: Tensor, time: Tensor, condition: Condition) -> Tensor:
@@ -223,10 +222,12 @@ class StableDiffusionTeacher(Teacher):
         s = sample_guidance_scales(x0.shape[0], *self.scales, generator)
         return x0, self.condition(batch["caption"], s)
 
+    def prompt_condition(self, prompts: list[str]) -> Condition:
+        return self.condition(list(prompts), self.default_scale)
+
     def sample_condition(self, batch_size: int, generator: torch.Generator) -> Condition:
         pool = self.prompts or ("",)
-        prompts = [pool[i % len(pool)] for i in range(batch_size)]
-        return self.condition(prompts, self.default_scale)
+        return self.prompt_condition([pool[i % len(pool)] for i in range(batch_size)])
 
     def decode(self, x0: Tensor) -> Tensor:
         return self.space.decode(x0)

@@ -1,0 +1,142 @@
+"""export.call: one call for every export (unconditional, class labels, prompts), and sample / evaluate / bench on
+text-to-image and class-conditional exports (tiny seeded pipelines, 2 sCD steps each, offline)."""
+
+import json
+
+import pytest
+import torch
+from conftest import run_cli
+from tiny_pipelines import CAPTIONS, save_captioned_images, save_class_images, save_tiny
+
+from scm_distill.config import resolve
+from scm_distill.evaluation.bench import BenchSettings, bench
+from scm_distill.evaluation.evaluate import EvalSettings, teacher_images
+from scm_distill.export.call import PipelineSampler, conditioning_of, read_prompts
+from scm_distill.export.load import load_export
+from scm_distill.families import load_teacher
+from scm_distill.generate import teacher_samples
+from scm_distill.grids import to_uint8
+from scm_distill.trainer import distill
+
+PROMPTS = ("a red square", "two dots", "a cat")
+
+
+def tiny_export(root, name: str, data) -> tuple:
+    """(teacher folder, export folder) of a 2-step distillation of the tiny `name` pipeline."""
+    teacher_dir = save_tiny(name, root / "teacher")
+    config = resolve(cli={"teacher": str(teacher_dir), "output": str(root / "run"),
+                          "data": {"spec": str(data), "latent_cache": str(root / "cache")},
+                          "train": {"max_steps": 2, "convert_steps": 1, "batch_size": 4, "sample_every": 0,
+                                    "checkpoint_every": 0},
+                          "guidance": {"embedding_dim": 32}})  # fmt: skip
+    return teacher_dir, distill(config).export_dir
+
+
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sd")
+    return tiny_export(root, "sd", save_captioned_images(root / "data"))
+
+
+@pytest.fixture(scope="module")
+def dit(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dit")
+    return tiny_export(root, "dit", save_class_images(root / "data"))
+
+
+def as_uint8(images: torch.Tensor) -> torch.Tensor:
+    return (images.float() * 255).round().clamp(0, 255).to(torch.uint8)
+
+
+def test_text_export_calls_are_the_exports_own_calls(sd):
+    """1 and 2 steps: the exact calls of scm_call.json (the model card's); other counts: the stock schedule at the
+    same guidance. Prompts are taken in order from `start`, cycling."""
+    _, export = sd
+    sampler, pipe = PipelineSampler(export, PROMPTS), load_export(export)
+    calls = json.loads((export / "scm_call.json").read_text())
+    prompts = [PROMPTS[1], PROMPTS[2], PROMPTS[0]]  # start 1, cycled
+    for steps, call in ((1, calls["1_step"]), (2, calls["2_steps"]),
+                        (3, {"guidance_scale": calls["2_steps"]["guidance_scale"], "num_inference_steps": 3})):
+        expected = pipe(prompts, generator=torch.Generator().manual_seed(7), output_type="pt", **call).images
+        assert torch.equal(sampler(3, steps, seed=7, start=1), as_uint8(expected)), f"{steps} steps"
+    assert sampler.conditioning == "text" and conditioning_of(pipe) == "text"
+
+
+def test_class_export_labels_come_from_the_seed(dit):
+    _, export = dit
+    pipe = load_export(export)
+    classes = pipe.transformer.config.num_embeds_ada_norm
+    labels = torch.randint(0, classes, (2,), generator=torch.Generator().manual_seed(3)).tolist()
+    expected = pipe(class_labels=labels, generator=torch.Generator().manual_seed(3), output_type="pt").images
+    assert torch.equal(PipelineSampler(export)(2, 2, seed=3), as_uint8(expected))
+    assert not torch.equal(PipelineSampler(export)(2, 2, seed=4), as_uint8(expected))
+
+
+def test_unconditional_export_is_the_batch_call(tiny_run):
+    pipe = load_export(tiny_run.export_dir)
+    expected = pipe(batch_size=3, generator=torch.Generator().manual_seed(5), output_type="pt").images
+    assert torch.equal(PipelineSampler(tiny_run.export_dir)(3, 2, seed=5), as_uint8(expected))
+
+
+def test_prompt_errors_are_one_sentence(sd, tiny_run, tmp_path):
+    with pytest.raises(ValueError, match="is a text-to-image pipeline; give prompts"):
+        PipelineSampler(sd[1])
+    with pytest.raises(ValueError, match="is a unconditional pipeline and takes no prompts"):
+        PipelineSampler(tiny_run.export_dir, PROMPTS)
+    with pytest.raises(ValueError, match="does not exist"):
+        read_prompts(tmp_path / "missing.txt")
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    with pytest.raises(ValueError, match="has no prompts"):
+        read_prompts(tmp_path / "empty.txt")
+    (tmp_path / "p.txt").write_text(" a cat \n\ntwo dots\n")
+    assert read_prompts(tmp_path / "p.txt") == ("a cat", "two dots")
+
+
+def test_sample_cli_on_a_text_export(sd, tmp_path):
+    out = tmp_path / "grid.png"
+    done = run_cli("sample", "--model", str(sd[1]), "--prompt", "a cat", "--num-images", "2", "--output", str(out))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert out.stat().st_size > 0
+    done = run_cli("sample", "--model", str(sd[1]), "--output", str(tmp_path / "none.png"))
+    assert done.returncode == 1 and "give prompts" in done.stderr and not (tmp_path / "none.png").exists()
+
+
+def test_teacher_images_use_the_prompts_in_the_students_order(sd, tiny_teacher):
+    teacher = load_teacher(str(sd[0]))
+    settings = EvalSettings(teacher_steps=(2,), num_samples=5, batch_size=3, seed=2, prompts=PROMPTS)
+    got = teacher_images(teacher, 2, settings)
+    chunks = []
+    for start, n in ((0, 3), (3, 2)):  # chunk i: seed + start, prompts[start:start + n] cycled
+        prompts = [PROMPTS[(start + i) % 3] for i in range(n)]
+        x0 = teacher_samples(teacher.model, (n, *teacher.sample_shape), 2, torch.Generator().manual_seed(2 + start),
+                             teacher.condition(prompts, teacher.default_scale))  # fmt: skip
+        chunks.append(to_uint8(teacher.decode(x0)))
+    assert torch.equal(got, torch.cat(chunks))
+    with pytest.raises(ValueError, match="is not a text-to-image model"):
+        teacher_images(load_teacher(str(tiny_teacher)), 2, settings)
+
+
+def test_evaluate_a_text_export_against_a_folder(sd, tmp_path):
+    reference = save_captioned_images(tmp_path / "reference", n=12, captions=False, seed=1)
+    (tmp_path / "prompts.txt").write_text("\n".join(CAPTIONS) + "\n")
+    done = run_cli("evaluate", "--model", str(sd[1]), "--teacher", str(sd[0]), "--reference", str(reference),
+                   "--steps", "1,2", "--teacher-steps", "2", "--num-samples", "6", "--prompts",
+                   str(tmp_path / "prompts.txt"), "--output", str(tmp_path / "eval"))  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert set(metrics["results"]) == {"student@1", "student@2", "teacher@2"} and metrics["num_prompts"] == 8
+    assert all(r["num_generated"] == 6 and r["fid"] > 0 for r in metrics["results"].values())
+    done = run_cli("evaluate", "--model", str(sd[1]), "--reference", str(reference), "--num-samples", "6",
+                   "--output", str(tmp_path / "eval2"))  # fmt: skip
+    assert done.returncode == 1 and "give prompts" in done.stderr and not (tmp_path / "eval2").exists()
+
+
+def test_bench_a_text_export_times_the_pipelines_end_to_end(sd, tmp_path):
+    settings = BenchSettings(teacher_steps=2, repeats=1, scaling=False)
+    results = bench(sd[1], tmp_path / "bench", str(sd[0]), settings)
+    row = results["sampling"]["end_to_end_batch1"]
+    assert row["teacher_ms"] > 0 and row["student_2_step_ms"] > 0
+    assert results["training"] == [] and "end-to-end sampling only" in results["note"]
+    assert "network_batch1" not in results["sampling"]
+    assert json.loads((tmp_path / "bench" / "bench.json").read_text())["note"] == results["note"]
+    assert not (tmp_path / "bench" / "training.png").exists()  # nothing measured, nothing plotted
