@@ -21,14 +21,14 @@ from scm_distill.trainer import distill
 PROMPTS = ("a red square", "two dots", "a cat")
 
 
-def tiny_export(root, name: str, data) -> tuple:
+def tiny_export(root, name: str, data, **cli) -> tuple:
     """(teacher folder, export folder) of a 2-step distillation of the tiny `name` pipeline."""
     teacher_dir = save_tiny(name, root / "teacher")
     config = resolve(cli={"teacher": str(teacher_dir), "output": str(root / "run"),
                           "data": {"spec": str(data), "latent_cache": str(root / "cache")},
                           "train": {"max_steps": 2, "convert_steps": 1, "batch_size": 4, "sample_every": 0,
                                     "checkpoint_every": 0},
-                          "guidance": {"embedding_dim": 32}})  # fmt: skip
+                          "guidance": {"embedding_dim": 32}, **cli})  # fmt: skip
     return teacher_dir, distill(config).export_dir
 
 
@@ -42,6 +42,12 @@ def sd(tmp_path_factory):
 def dit(tmp_path_factory):
     root = tmp_path_factory.mktemp("dit")
     return tiny_export(root, "dit", save_class_images(root / "data"))
+
+
+@pytest.fixture(scope="module")
+def flux(tmp_path_factory):  # FLUX exports the stock FluxPipeline + FlowMatchLCMScheduler + scm_call.json
+    root = tmp_path_factory.mktemp("flux")
+    return tiny_export(root, "flux", save_captioned_images(root / "data"), sampling={"sigma_max": 1.0e4})
 
 
 def as_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -60,6 +66,22 @@ def test_text_export_calls_are_the_exports_own_calls(sd):
         expected = pipe(prompts, generator=torch.Generator().manual_seed(7), output_type="pt", **call).images
         assert torch.equal(sampler(3, steps, seed=7, start=1), as_uint8(expected)), f"{steps} steps"
     assert sampler.conditioning == "text" and conditioning_of(pipe) == "text"
+
+
+def test_stock_flow_export_renoises_from_the_seeded_global_generator(flux):
+    """FlowMatchLCMScheduler draws its re-noising from torch's global generator: the sampler seeds it for the call
+    (same seed, same images) and restores the caller's state afterwards."""
+    _, export = flux
+    calls = json.loads((export / "scm_call.json").read_text())
+    sampler, pipe = PipelineSampler(export, PROMPTS), load_export(export)
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    got = sampler(2, 2, seed=7)
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(7)
+    expected = pipe(list(PROMPTS[:2]), generator=torch.Generator().manual_seed(7), output_type="pt",
+                    **calls["2_steps"]).images  # fmt: skip
+    assert torch.equal(got, as_uint8(expected)) and torch.equal(sampler(2, 2, seed=7), got)
 
 
 def test_class_export_labels_come_from_the_seed(dit):
