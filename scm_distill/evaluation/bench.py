@@ -5,10 +5,10 @@
   default calls, decoding and post-processing included, through export.call: prompts for text-to-image);
 - training: a plain diffusion step of the student's network against one sCD step, broken into its parts
   (evaluation.cost), peak memory, ratios;
-Exports that no family adapter reads back as a model (those with a guidance input: SD, SDXL, DiT, the flow
-families) get the end-to-end rows only; their training cost is `python -m scm_distill.evaluation.cost`'s.
 - scaling: the training table over resolution and width of a UNet2DModel family, so growth is visible.
-CPU runs are small by default. Writes bench.json and PNG plots.
+Only UNet2D students are read back as models; the other exports (SD, SDXL, DiT, SD3, FLUX, Sana, EDM) get the
+end-to-end sampling rows and the scaling table, and bench.json says why there is no training table (for their
+networks: `python -m scm_distill.evaluation.cost`). CPU runs are small by default. Writes bench.json and PNG plots.
 """
 
 from __future__ import annotations
