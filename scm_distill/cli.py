@@ -168,6 +168,9 @@ def add_evaluate(sub) -> None:
     p.add_argument("--reference-split", default="train")
     p.add_argument("--prompts", help="text-to-image exports: text file of prompts, one per line, used in order "
                                      "(cycled) for the student and the teacher")  # fmt: skip
+    p.add_argument("--teacher-guidance-scale", type=float,
+                   help="CFG scale of a guided teacher (default: the scale the export's 2-step call uses; pass it "
+                        "for LoRA students with CFG merged into their weights)")  # fmt: skip
     p.add_argument("--output", required=True)
     p.set_defaults(run=run_evaluate)
 
@@ -178,7 +181,8 @@ def run_evaluate(args) -> int:
     settings = EvalSettings(steps=args.steps, teacher_steps=args.teacher_steps, num_samples=args.num_samples,
                             seed=args.seed, feature_extractor=args.feature_extractor,
                             inception_weights=args.inception_weights, resize_reference=args.resize_reference,
-                            reference_split=args.reference_split, prompts=prompts_from(args))  # fmt: skip
+                            reference_split=args.reference_split, prompts=prompts_from(args),
+                            teacher_guidance_scale=args.teacher_guidance_scale)  # fmt: skip
     metrics = evaluate(Path(args.model), args.reference, Path(args.output), args.teacher, settings)
     for name, result in metrics["results"].items():
         print(f"{name}: FID {result['fid']:.3f} ({metrics['feature_extractor']})")

@@ -10,7 +10,7 @@ from tiny_pipelines import CAPTIONS, save_captioned_images, save_class_images, s
 
 from scm_distill.config import resolve
 from scm_distill.evaluation.bench import BenchSettings, bench
-from scm_distill.evaluation.evaluate import EvalSettings, teacher_images
+from scm_distill.evaluation.evaluate import EvalSettings, teacher_guidance, teacher_images
 from scm_distill.export.call import PipelineSampler, conditioning_of, read_prompts
 from scm_distill.export.load import load_export
 from scm_distill.families import load_teacher
@@ -35,7 +35,8 @@ def tiny_export(root, name: str, data, **cli) -> tuple:
 @pytest.fixture(scope="module")
 def sd(tmp_path_factory):
     root = tmp_path_factory.mktemp("sd")
-    return tiny_export(root, "sd", save_captioned_images(root / "data"))
+    guidance = {"embedding_dim": 32, "scale": 1.8}  # not the adapter's default 1.5: evaluate must read it
+    return tiny_export(root, "sd", save_captioned_images(root / "data"), guidance=guidance)
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +139,18 @@ def test_teacher_images_use_the_prompts_in_the_students_order(sd, tiny_teacher):
         teacher_images(load_teacher(str(tiny_teacher)), 2, settings)
 
 
+def test_teacher_guidance_scale_rules(sd, tiny_teacher, tiny_run):
+    assert teacher_guidance(load_teacher(str(sd[0])), sd[1], EvalSettings()) == 1.8
+    teacher = load_teacher(str(sd[0]))
+    assert teacher_guidance(teacher, sd[1], EvalSettings(teacher_guidance_scale=3.0)) == 3.0 == teacher.default_scale
+    with pytest.raises(ValueError, match="must be at least 1"):
+        teacher_guidance(teacher, sd[1], EvalSettings(teacher_guidance_scale=0.5))
+    plain = load_teacher(str(tiny_teacher))
+    assert teacher_guidance(plain, tiny_run.export_dir, EvalSettings()) is None
+    with pytest.raises(ValueError, match="samples without guidance"):
+        teacher_guidance(plain, tiny_run.export_dir, EvalSettings(teacher_guidance_scale=2.0))
+
+
 def test_evaluate_a_text_export_against_a_folder(sd, tmp_path):
     reference = save_captioned_images(tmp_path / "reference", n=12, captions=False, seed=1)
     (tmp_path / "prompts.txt").write_text("\n".join(CAPTIONS) + "\n")
@@ -147,6 +160,7 @@ def test_evaluate_a_text_export_against_a_folder(sd, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert set(metrics["results"]) == {"student@1", "student@2", "teacher@2"} and metrics["num_prompts"] == 8
+    assert metrics["teacher_guidance_scale"] == 1.8  # the scale of the export's own 2-step call
     assert all(r["num_generated"] == 6 and r["fid"] > 0 for r in metrics["results"].values())
     done = run_cli("evaluate", "--model", str(sd[1]), "--reference", str(reference), "--num-samples", "6",
                    "--output", str(tmp_path / "eval2"))  # fmt: skip

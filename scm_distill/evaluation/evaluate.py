@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data import load_images
-from ..export.call import PipelineSampler
+from ..export.call import PipelineSampler, distilled_guidance_scale
 from ..families import load_teacher
 from ..generate import teacher_samples
 from ..grids import labelled_rows, save_png, to_uint8
@@ -37,6 +37,7 @@ class EvalSettings:
     resize_reference: bool = False  # resize reference images to the model's resolution (bilinear, antialias)
     reference_split: str = "train"
     prompts: tuple[str, ...] | None = None  # text-to-image: the prompts, in order, cycled over the samples
+    teacher_guidance_scale: float | None = None  # None: the scale the export was distilled at (when it says)
 
 
 def reference_images(spec: str, shape: tuple[int, ...], settings: EvalSettings) -> tuple[torch.Tensor, str]:
@@ -82,6 +83,21 @@ def teacher_images(teacher, steps: int, settings: EvalSettings) -> torch.Tensor:
     return torch.cat(chunks)
 
 
+def teacher_guidance(teacher, model: Path, settings: EvalSettings) -> float | None:
+    """Set the CFG scale a guided teacher samples at and return it: --teacher-guidance-scale, else the scale of the
+    export's own 2-step call when it guides (> 1), else the adapter's default; None for teachers without CFG."""
+    given = settings.teacher_guidance_scale
+    if given is not None and given < 1:
+        raise ValueError(f"--teacher-guidance-scale must be at least 1, got {given}.")
+    if not hasattr(teacher, "default_scale"):
+        if given is not None:
+            raise ValueError(f"teacher '{teacher.source}' samples without guidance; drop --teacher-guidance-scale.")
+        return None
+    distilled = distilled_guidance_scale(model)
+    teacher.default_scale = given or (distilled if distilled and distilled > 1 else teacher.default_scale)
+    return teacher.default_scale
+
+
 def evaluate(model: Path, reference: str, output: Path, teacher: str | None = None,
              settings: EvalSettings = EvalSettings()) -> dict:  # fmt: skip
     """Run the evaluation; returns the metrics dict that is also written to output/metrics.json."""
@@ -91,11 +107,12 @@ def evaluate(model: Path, reference: str, output: Path, teacher: str | None = No
                          f"got {settings.num_samples}.")  # fmt: skip
     extractor, weights, note = resolve_feature_extractor(settings.feature_extractor, settings.inception_weights)
     sampler = PipelineSampler(model, settings.prompts)
+    teacher_model = load_teacher(teacher) if teacher else None
+    guidance = teacher_guidance(teacher_model, model, settings) if teacher_model else None
     shape = tuple(sampler(1, min(settings.steps), settings.seed).shape[1:])  # one image: the export's output shape
     ref, ref_name = reference_images(reference, shape, settings)
     sets = {f"student@{s}": student_images(sampler, s, settings) for s in settings.steps}
-    if teacher:
-        teacher_model = load_teacher(teacher)
+    if teacher_model:
         sets.update({f"teacher@{s}": teacher_images(teacher_model, s, settings) for s in settings.teacher_steps})
     output.mkdir(parents=True, exist_ok=True)
     cache_key = re.sub(r"[^A-Za-z0-9_.-]+", "-", ref_name).strip("-.")  # a folder path names a file-safe key
@@ -104,6 +121,7 @@ def evaluate(model: Path, reference: str, output: Path, teacher: str | None = No
                for name, images in sets.items()}  # fmt: skip
     metrics = {"model": str(model), "teacher": teacher, "reference": ref_name, "num_reference": len(ref),
                "num_samples": settings.num_samples, "num_prompts": len(settings.prompts or ()),
+               "teacher_guidance_scale": guidance,
                "feature_extractor": extractor, "feature_note": note,
                "results": results}  # fmt: skip
     write_evaluation(output, metrics, sets)
