@@ -140,15 +140,16 @@ def test_teacher_images_use_the_prompts_in_the_students_order(sd, tiny_teacher):
 
 
 def test_teacher_guidance_scale_rules(sd, tiny_teacher, tiny_run):
-    assert teacher_guidance(load_teacher(str(sd[0])), sd[1], EvalSettings()) == 1.8
+    distilled, three = PipelineSampler(sd[1], PROMPTS).guidance_scale, EvalSettings(teacher_guidance_scale=3.0)
+    assert teacher_guidance(load_teacher(str(sd[0])), distilled, EvalSettings()) == 1.8
     teacher = load_teacher(str(sd[0]))
-    assert teacher_guidance(teacher, sd[1], EvalSettings(teacher_guidance_scale=3.0)) == 3.0 == teacher.default_scale
+    assert teacher_guidance(teacher, distilled, three) == 3.0 == teacher.default_scale
     with pytest.raises(ValueError, match="must be at least 1"):
-        teacher_guidance(teacher, sd[1], EvalSettings(teacher_guidance_scale=0.5))
-    plain = load_teacher(str(tiny_teacher))
-    assert teacher_guidance(plain, tiny_run.export_dir, EvalSettings()) is None
+        teacher_guidance(teacher, distilled, EvalSettings(teacher_guidance_scale=0.5))
+    plain, unguided = load_teacher(str(tiny_teacher)), PipelineSampler(tiny_run.export_dir).guidance_scale
+    assert teacher_guidance(plain, unguided, EvalSettings()) is None
     with pytest.raises(ValueError, match="samples without guidance"):
-        teacher_guidance(plain, tiny_run.export_dir, EvalSettings(teacher_guidance_scale=2.0))
+        teacher_guidance(plain, unguided, EvalSettings(teacher_guidance_scale=2.0))
 
 
 def test_evaluate_a_text_export_against_a_folder(sd, tmp_path):

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data import load_images
-from ..export.call import PipelineSampler, distilled_guidance_scale
+from ..export.call import PipelineSampler
 from ..families import load_teacher
 from ..generate import teacher_samples
 from ..grids import labelled_rows, save_png, to_uint8
@@ -83,9 +83,10 @@ def teacher_images(teacher, steps: int, settings: EvalSettings) -> torch.Tensor:
     return torch.cat(chunks)
 
 
-def teacher_guidance(teacher, model: Path, settings: EvalSettings) -> float | None:
-    """Set the CFG scale a guided teacher samples at and return it: --teacher-guidance-scale, else the scale of the
-    export's own 2-step call when it guides (> 1), else the adapter's default; None for teachers without CFG."""
+def teacher_guidance(teacher, distilled: float | None, settings: EvalSettings) -> float | None:
+    """Set the CFG scale a guided teacher samples at and return it: --teacher-guidance-scale, else `distilled` (the
+    scale of the export's own 2-step call) when it guides (> 1), else the adapter's default; None for teachers
+    without CFG."""
     given = settings.teacher_guidance_scale
     if given is not None and given < 1:
         raise ValueError(f"--teacher-guidance-scale must be at least 1, got {given}.")
@@ -93,7 +94,6 @@ def teacher_guidance(teacher, model: Path, settings: EvalSettings) -> float | No
         if given is not None:
             raise ValueError(f"teacher '{teacher.source}' samples without guidance; drop --teacher-guidance-scale.")
         return None
-    distilled = distilled_guidance_scale(model)
     teacher.default_scale = given or (distilled if distilled and distilled > 1 else teacher.default_scale)
     return teacher.default_scale
 
@@ -108,7 +108,7 @@ def evaluate(model: Path, reference: str, output: Path, teacher: str | None = No
     extractor, weights, note = resolve_feature_extractor(settings.feature_extractor, settings.inception_weights)
     sampler = PipelineSampler(model, settings.prompts)
     teacher_model = load_teacher(teacher) if teacher else None
-    guidance = teacher_guidance(teacher_model, model, settings) if teacher_model else None
+    guidance = teacher_guidance(teacher_model, sampler.guidance_scale, settings) if teacher_model else None
     shape = tuple(sampler(1, min(settings.steps), settings.seed).shape[1:])  # one image: the export's output shape
     ref, ref_name = reference_images(reference, shape, settings)
     sets = {f"student@{s}": student_images(sampler, s, settings) for s in settings.steps}

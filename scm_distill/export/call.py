@@ -21,7 +21,7 @@ from typing import Literal
 
 import torch
 
-from .load import export_index, load_export
+from .load import load_export
 
 CALL_FILE = "scm_call.json"  # written by the SD and flow families next to model_index.json
 Conditioning = Literal["unconditional", "class", "text"]
@@ -37,15 +37,6 @@ def conditioning_of(pipe) -> Conditioning:
             return kind
     raise ValueError(f"{type(pipe).__name__} takes neither batch_size, class_labels nor prompt; it is not a "
                      f"pipeline scm-distill can sample.")  # fmt: skip
-
-
-def distilled_guidance_scale(folder: str | Path) -> float | None:
-    """The guidance scale of an export's default 2-step call (scm_call.json, or the config of an export with its own
-    pipeline file); None for exports without one. A LoRA student with CFG merged into its weights is called at 1."""
-    call_file = Path(folder) / CALL_FILE
-    if call_file.is_file():
-        return json.loads(call_file.read_text())["2_steps"].get("guidance_scale")
-    return export_index(folder).get("guidance_scale")
 
 
 def read_prompts(path: str | Path) -> tuple[str, ...]:
@@ -85,6 +76,15 @@ class PipelineSampler:
         self.prompts = tuple(prompts or ())
         call_file = self.folder / CALL_FILE
         self.calls = json.loads(call_file.read_text()) if call_file.is_file() else None
+
+    @property
+    def guidance_scale(self) -> float | None:
+        """The guidance scale of the default 2-step call (scm_call.json, or the config of an export with its own
+        pipeline file); None for pipelines without one. A LoRA student with CFG merged into its weights is called
+        at 1."""
+        if self.calls is not None:
+            return self.calls["2_steps"].get("guidance_scale")
+        return self.pipe.config.get("guidance_scale")
 
     def call_kwargs(self, steps: int) -> dict:
         """Keyword arguments of the pipeline call for `steps` network evaluations (besides the inputs)."""
