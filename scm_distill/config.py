@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,9 +90,11 @@ class GuidanceConfig:
     """Classifier-free guidance of text-conditioned teachers (arXiv 2410.11081v2 Sec. 5.2, App. G.2)."""
 
     s_min: float = 1.0  # training scales s ~ U[s_min, s_max] (paper: U[1, 2]); 1 = no guidance
-    s_max: float = 2.0
-    scale: float = 1.5  # the export's guidance_scale and the sample grids' (paper evaluates 1.2-1.5); LoRA: the one
-    # scale distilled into the weights (a LoRA cannot add the guidance input to the teacher's UNet)
+    s_max: float | None = None  # None: max(2, the export's default scale) (paper: 2; SD's stock call uses 7.5)
+    # the export's default guidance_scale and the sample grids' (None: the family's default - the stock pipeline's own
+    # default where a stock pipeline feeds the scale (SD 7.5, SDXL and EDM 5.0, FLUX 3.5), else 1.5, the paper's
+    # 1.2-1.5); LoRA students of CFG teachers: the one scale distilled into the weights
+    scale: float | None = None
     negative_prompt: str = ""  # prompt of CFG's unconditional branch ("": the pipeline's own empty-prompt rule)
     embedding_dim: int = 256  # width of the student's guidance input (UNet time_cond_proj_dim; LCM uses 256)
     prompts: tuple[str, ...] = ()  # prompts of sample grids (empty: the first captions of the data)
@@ -226,10 +229,9 @@ def validate(config: DistillConfig) -> DistillConfig:
         (config.train.ema_halflife_kimg > 0, "train.ema_halflife_kimg must be positive."),
         (config.sampling.teacher_steps >= 1, "sampling.teacher_steps must be at least 1."),
         (config.guidance.s_min >= 1, f"guidance.s_min must be at least 1 (no guidance), got {config.guidance.s_min}."),
-        (config.guidance.s_max >= config.guidance.s_min, "guidance.s_max must not be below guidance.s_min."),
-        (config.guidance.scale >= 1, f"guidance.scale must be at least 1, got {config.guidance.scale}."),
-        (config.lora.rank > 0 or config.guidance.s_min <= config.guidance.scale <= config.guidance.s_max,
-         "guidance.scale must lie in the training range [guidance.s_min, guidance.s_max]."),
+        ((config.guidance.s_max or math.inf) >= config.guidance.s_min, "guidance.s_max must not be below "
+                                                                        "guidance.s_min."),
+        ((config.guidance.scale or 1) >= 1, f"guidance.scale must be at least 1, got {config.guidance.scale}."),
         (config.guidance.embedding_dim >= 2, "guidance.embedding_dim must be at least 2."),
         (config.lora.rank >= 0, f"lora.rank must be a positive integer (0: no LoRA), got {config.lora.rank}."),
         (config.lora.rank == 0 or config.student.dropout == 0, "LoRA students share the teacher's network and "

@@ -26,10 +26,11 @@ from .data import load_images
 from .evaluation.speed import sampling_speed
 from .export.card import refresh_card_facts
 from .families import load_teacher
-from .generate import consistency_samples, sampling_times, teacher_samples
+from .families.base import images_to_uint8
+from .generate import sampling_times, teacher_samples
 from .grids import labelled_rows, save_png, to_uint8
 from .metrics import EFFICIENTNET_LITE0, extract_features, feature_statistics, frechet_distance
-from .trainer import distill
+from .trainer import distill, sampler_info
 
 PACKAGE = Path(__file__).resolve().parent
 DEMO_TEACHER = PACKAGE / "assets" / "digits-teacher"
@@ -44,18 +45,19 @@ sys.modules["scm_distill"] = None
 import torch
 from diffusers import DiffusionPipeline
 folder, n, seed, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+pipe = DiffusionPipeline.from_pretrained(folder)  # stock DDPMPipeline + LCMScheduler
 result = {"pipeline_class": type(pipe).__name__}
 for steps in (1, 2):
     images = pipe(batch_size=n, generator=torch.Generator().manual_seed(seed), num_inference_steps=steps,
-                  output_type="pt").images
+                  output_type="np").images
+    images = torch.from_numpy(images)
     result[steps] = images
 torch.save(result, out)
 """
 
 
 def sample_export_in_fresh_process(folder: Path, n: int, seed: int) -> dict:
-    """1- and 2-step samples ([0, 1] float) of an export, drawn by plain diffusers in a separate process."""
+    """1- and 2-step samples ([B, H, W, C] in [0, 1]) of an export, drawn by plain diffusers in a separate process."""
     with tempfile.TemporaryDirectory() as tmp:
         script, out = Path(tmp) / "sample_export.py", Path(tmp) / "samples.pt"
         script.write_text(SAMPLE_EXPORT)
@@ -111,19 +113,21 @@ def demo(output: Path, max_steps: int | None = None, num_samples: int | None = N
     teacher = load_teacher(str(DEMO_TEACHER))
     student = result.ema.model
     t_max, t_mid = sampling_times(config.sampling, student)
-    exported = sample_export_in_fresh_process(result.export_dir, n, SEED)
+    exported = {s: images_to_uint8(images) for s, images in
+                sample_export_in_fresh_process(result.export_dir, n, SEED).items() if s in (1, 2)}  # fmt: skip
     shape = (n, *teacher.sample_shape)
-    ours = {steps: consistency_samples(student, shape, steps, t_max, t_mid, torch.Generator().manual_seed(SEED))
-            for steps in (1, 2)}  # fmt: skip
-    matches = all(torch.equal((ours[s] / 2 + 0.5).clamp(0, 1), exported[s]) for s in (1, 2))
+    info = sampler_info(config, result.ema)
+    ours = {steps: teacher.student_images(result.ema.network, info, {"batch_size": n}, steps,
+                                          torch.Generator().manual_seed(SEED)) for steps in (1, 2)}  # fmt: skip
+    matches = all(torch.equal(ours[s], exported[s]) for s in (1, 2))
     laps("reload export and sample")
     teacher_steps = config.sampling.teacher_steps
     sets = {
         f"teacher_{teacher_steps}_steps": to_uint8(teacher_samples(teacher.model, shape, teacher_steps,
                                                                    torch.Generator().manual_seed(SEED))),
         "teacher_2_steps": to_uint8(teacher_samples(teacher.model, shape, 2, torch.Generator().manual_seed(SEED))),
-        "student_2_steps": (exported[2] * 255).round().to(torch.uint8),
-        "student_1_step": (exported[1] * 255).round().to(torch.uint8),
+        "student_2_steps": exported[2],
+        "student_1_step": exported[1],
     }  # fmt: skip
     laps("teacher samples")
     data = load_images(config.data.spec, resize_to=config.data.resize_to, pad_to=config.data.pad_to)

@@ -115,12 +115,14 @@ def lora_state_dict(network: nn.Module) -> dict:
             for key, value in get_peft_model_state_dict(network, adapter_name=ADAPTER).items()}  # fmt: skip
 
 
-def save_lora(network: nn.Module, folder: Path, pipeline_class) -> Path:
-    """Write WEIGHTS_NAME (with rank/alpha metadata) so that `pipe.load_lora_weights(folder)` loads it."""
+def save_lora(network: nn.Module, folder: Path, pipeline_class, component: str = "unet") -> Path:
+    """Write WEIGHTS_NAME (with rank/alpha metadata) for `component` ("unet" or "transformer") so that
+    `pipe.load_lora_weights(folder)` loads it onto the original teacher."""
     metadata = network.peft_config[ADAPTER].to_dict()
     metadata["target_modules"] = sorted(metadata["target_modules"])
-    pipeline_class.save_lora_weights(folder, unet_lora_layers=lora_state_dict(network), weight_name=WEIGHTS_NAME,
-                                     unet_lora_adapter_metadata=metadata, safe_serialization=True)  # fmt: skip
+    pipeline_class.save_lora_weights(folder, **{f"{component}_lora_layers": lora_state_dict(network),
+                                                f"{component}_lora_adapter_metadata": metadata},
+                                     weight_name=WEIGHTS_NAME, safe_serialization=True)  # fmt: skip
     return Path(folder) / WEIGHTS_NAME
 
 

@@ -23,6 +23,7 @@ from .checkpoint import check_state_dict, checkpoint_name, load_checkpoint, prun
 from .config import DistillConfig
 from .data import ImageSet, batch_indices, collate, load_images
 from .ema import EMA, ema_beta
+from .export.card import is_hub_id, teacher_license
 from .export.pipeline import export_pipeline
 from .families import ExportInfo, Teacher, load_teacher
 from .generate import sampling_times, teacher_samples
@@ -101,31 +102,38 @@ def restore(checkpoint: Path, student: Student, ema: EMA, optimizer: torch.optim
 
 
 class SampleGrids:
-    """Teacher vs student samples on fixed noise, written every `sample_every` steps."""
+    """Teacher vs student samples on fixed noise, written every `sample_every` steps; the student's through its
+    own pipeline (what the export gives)."""
 
     def __init__(self, config: DistillConfig, teacher: Teacher, device: torch.device):
         self.config, self.teacher, self.device = config, teacher, device
         self.n = config.sampling.grid_size
-        self.shape = (self.n, *teacher.sample_shape)
-        self.condition = teacher.sample_condition(self.n, torch.Generator().manual_seed(config.train.seed))
+        self.inputs = teacher.sample_inputs(self.n, torch.Generator().manual_seed(config.train.seed))
         self.teacher_row = None
 
     def _generator(self) -> torch.Generator:
         return torch.Generator(self.device).manual_seed(self.config.train.seed)
 
     def write(self, student: Student, path: Path) -> Path:
-        cfg = self.config.sampling
-        t_max, t_mid = sampling_times(cfg, student.model)
+        steps_teacher = self.config.sampling.teacher_steps
         if self.teacher_row is None:
-            x0 = teacher_samples(self.teacher.model, self.shape, cfg.teacher_steps, self._generator(),
-                                 self.condition, self.device)  # fmt: skip
+            x0 = teacher_samples(self.teacher.model, (self.n, *self.teacher.sample_shape), steps_teacher,
+                                 self._generator(), self.teacher.condition_for(self.inputs), self.device)  # fmt: skip
             self.teacher_row = to_uint8(self.teacher.decode(x0))
-        rows = {f"teacher, {cfg.teacher_steps} steps": self.teacher_row}
+        rows = {f"teacher, {steps_teacher} steps": self.teacher_row}
+        info = sampler_info(self.config, student)
         for steps in (2, 1):
-            x0 = self.teacher.consistency_samples(student.model, self.shape, steps, t_max, t_mid, self._generator(),
-                                                  self.condition, self.device)  # fmt: skip
-            rows[f"student (EMA), {steps} step{'s' * (steps > 1)}"] = to_uint8(self.teacher.decode(x0))
+            rows[f"student (EMA), {steps} step{'s' * (steps > 1)}"] = self.teacher.student_images(
+                student.network, info, self.inputs, steps, self._generator())
         return save_png(labelled_rows(rows, columns=self.n), path)
+
+
+def sampler_info(config: DistillConfig, student: Student, **facts) -> ExportInfo:
+    """The student's sampler as the export takes it: requested times, sigma_d, prediction, and the card's facts."""
+    t_max, t_mid = sampling_times(config.sampling, student.model)
+    base = config.export.base_model_id or (config.teacher if is_hub_id(config.teacher) else None)
+    return ExportInfo(sigma_data=student.model.sigma_d, t_max=t_max, t_mid=t_mid, prediction=student.model.prediction,
+                      base_model=base, **facts)  # fmt: skip
 
 
 @dataclass
@@ -246,16 +254,14 @@ def train_clip(config: DistillConfig) -> float:
 def export_student(config: DistillConfig, teacher: Teacher, student: Student, export_dir: Path, run_dir: Path,
                    state: RunState) -> Path:  # fmt: skip
     """Export the EMA student with the run's facts in the model card."""
-    t_max, t_mid = sampling_times(config.sampling, student.model)
     grids = sorted((run_dir / "samples").glob("*.png")) if (run_dir / "samples").is_dir() else []
     facts = {
-        "teacher": config.teacher,
-        "data": config.data.spec,
+        "teacher": config.export.base_model_id or Path(config.teacher).name,
+        "data": Path(config.data.spec).name if Path(config.data.spec).exists() else config.data.spec,
         "sCD steps x batch": f"{config.train.max_steps} x {config.train.batch_size}",
         "training time": f"{state.train_seconds / 60:.1f} min",
         "skipped (non-finite) steps": state.skipped_total,
     }
-    info = ExportInfo(sigma_data=config.sigma_data, t_max=t_max, t_mid=t_mid,
-                      base_model=config.export.base_model_id or config.teacher, card_facts=facts,
-                      sample_grid=grids[-1] if grids else None, prediction=student.model.prediction)  # fmt: skip
+    info = sampler_info(config, student, license=teacher_license(teacher), card_facts=facts,
+                        sample_grid=grids[-1] if grids else None)  # fmt: skip
     return export_pipeline(teacher, student.network, export_dir, info)

@@ -80,3 +80,12 @@ def tiny_run(tiny_teacher, tmp_path_factory):
                           "train": {"max_steps": 2, "convert_steps": 1, "batch_size": 8, "sample_every": 2,
                                     "checkpoint_every": 0}})  # fmt: skip
     return distill(config)
+
+
+@pytest.fixture(scope="session", params=["unet2d", "sd", "sd-lora", "sdxl", "dit", "sd3", "sd3-lora", "flux",
+                                         "flux-schnell", "sana", "edm", "edm-lora"])  # export_forms.FORMS
+def export(request, tmp_path_factory):
+    """Every export form: a tiny teacher of the family, 2 distillation steps, the export (built once a session)."""
+    from export_forms import build_export
+
+    return build_export(request.param, tmp_path_factory.mktemp(request.param))

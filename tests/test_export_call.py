@@ -3,6 +3,7 @@ text-to-image and class-conditional exports (tiny seeded pipelines, 2 sCD steps 
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from conftest import run_cli
@@ -35,8 +36,8 @@ def tiny_export(root, name: str, data, **cli) -> tuple:
 @pytest.fixture(scope="module")
 def sd(tmp_path_factory):
     root = tmp_path_factory.mktemp("sd")
-    guidance = {"embedding_dim": 32, "scale": 1.8}  # not the adapter's default 1.5: evaluate must read it
-    return tiny_export(root, "sd", save_captioned_images(root / "data"), guidance=guidance)
+    guidance = {"embedding_dim": 32, "scale": 1.8}  # CFG distilled at 1.8, not the SD default 7.5: evaluate reads it
+    return tiny_export(root, "sd", save_captioned_images(root / "data"), guidance=guidance, lora={"rank": 2})
 
 
 @pytest.fixture(scope="module")
@@ -46,43 +47,45 @@ def dit(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def flux(tmp_path_factory):  # FLUX exports the stock FluxPipeline + FlowMatchLCMScheduler + scm_call.json
+def flux(tmp_path_factory):  # the stock FluxPipeline + the folder's flow scheduler
     root = tmp_path_factory.mktemp("flux")
     return tiny_export(root, "flux", save_captioned_images(root / "data"), sampling={"sigma_max": 1.0e4})
 
 
-def as_uint8(images: torch.Tensor) -> torch.Tensor:
-    return (images.float() * 255).round().clamp(0, 255).to(torch.uint8)
+def as_uint8(images: np.ndarray) -> torch.Tensor:
+    from scm_distill.families.base import images_to_uint8
+
+    return images_to_uint8(images)
 
 
-def test_text_export_calls_are_the_exports_own_calls(sd):
-    """1 and 2 steps: the exact calls of scm_call.json (the model card's); other counts: the stock schedule at the
-    same guidance. Prompts are taken in order from `start`, cycling."""
+def call(pipe, inputs: dict, steps: int, seed: int) -> torch.Tensor:
+    """The one call of every export, as uint8."""
+    return as_uint8(pipe(**inputs, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed),
+                         output_type="np").images)  # fmt: skip
+
+
+def test_text_export_calls_are_the_one_call(sd):
+    """Any step count is `pipe(prompts, num_inference_steps=n)`; prompts are taken in order from `start`, cycling."""
     _, export = sd
     sampler, pipe = PipelineSampler(export, PROMPTS), load_export(export)
-    calls = json.loads((export / "scm_call.json").read_text())
     prompts = [PROMPTS[1], PROMPTS[2], PROMPTS[0]]  # start 1, cycled
-    for steps, call in ((1, calls["1_step"]), (2, calls["2_steps"]),
-                        (3, {"guidance_scale": calls["2_steps"]["guidance_scale"], "num_inference_steps": 3})):
-        expected = pipe(prompts, generator=torch.Generator().manual_seed(7), output_type="pt", **call).images
-        assert torch.equal(sampler(3, steps, seed=7, start=1), as_uint8(expected)), f"{steps} steps"
+    for steps in (1, 2, 3):
+        assert torch.equal(sampler(3, steps, seed=7, start=1), call(pipe, {"prompt": prompts}, steps, 7)), steps
     assert sampler.conditioning == "text" and conditioning_of(pipe) == "text"
 
 
-def test_stock_flow_export_renoises_from_the_seeded_global_generator(flux):
-    """FlowMatchLCMScheduler draws its re-noising from torch's global generator: the sampler seeds it for the call
-    (same seed, same images) and restores the caller's state afterwards."""
+def test_flux_export_is_fixed_by_its_generator_alone(flux):
+    """FluxPipeline passes no generator to its scheduler; the export's scheduler seeds its re-noising from each
+    sample's starting noise, so torch's global generator neither changes the samples nor is consumed."""
     _, export = flux
-    calls = json.loads((export / "scm_call.json").read_text())
     sampler, pipe = PipelineSampler(export, PROMPTS), load_export(export)
     torch.manual_seed(123)
     state = torch.get_rng_state()
     got = sampler(2, 2, seed=7)
     assert torch.equal(torch.get_rng_state(), state)
-    torch.manual_seed(7)
-    expected = pipe(list(PROMPTS[:2]), generator=torch.Generator().manual_seed(7), output_type="pt",
-                    **calls["2_steps"]).images  # fmt: skip
-    assert torch.equal(got, as_uint8(expected)) and torch.equal(sampler(2, 2, seed=7), got)
+    torch.manual_seed(5)
+    again = call(pipe, {"prompt": list(PROMPTS[:2]), **sampler.description.call_kwargs}, 2, 7)
+    assert torch.equal(got, again) and not torch.equal(sampler(2, 2, seed=8), got)
 
 
 def test_class_export_labels_come_from_the_seed(dit):
@@ -90,15 +93,15 @@ def test_class_export_labels_come_from_the_seed(dit):
     pipe = load_export(export)
     classes = pipe.transformer.config.num_embeds_ada_norm
     labels = torch.randint(0, classes, (2,), generator=torch.Generator().manual_seed(3)).tolist()
-    expected = pipe(class_labels=labels, generator=torch.Generator().manual_seed(3), output_type="pt").images
-    assert torch.equal(PipelineSampler(export)(2, 2, seed=3), as_uint8(expected))
-    assert not torch.equal(PipelineSampler(export)(2, 2, seed=4), as_uint8(expected))
+    expected = call(pipe, {"class_labels": labels}, 2, 3)
+    assert torch.equal(PipelineSampler(export)(2, 2, seed=3), expected)
+    assert not torch.equal(PipelineSampler(export)(2, 2, seed=4), expected)
 
 
 def test_unconditional_export_is_the_batch_call(tiny_run):
     pipe = load_export(tiny_run.export_dir)
-    expected = pipe(batch_size=3, generator=torch.Generator().manual_seed(5), output_type="pt").images
-    assert torch.equal(PipelineSampler(tiny_run.export_dir)(3, 2, seed=5), as_uint8(expected))
+    expected = call(pipe, {"batch_size": 3}, 2, 5)
+    assert torch.equal(PipelineSampler(tiny_run.export_dir)(3, 2, seed=5), expected)
 
 
 def test_prompt_errors_are_one_sentence(sd, tiny_run, tmp_path):
@@ -132,7 +135,7 @@ def test_teacher_images_use_the_prompts_in_the_students_order(sd, tiny_teacher):
     for start, n in ((0, 3), (3, 2)):  # chunk i: seed + start, prompts[start:start + n] cycled
         prompts = [PROMPTS[(start + i) % 3] for i in range(n)]
         x0 = teacher_samples(teacher.model, (n, *teacher.sample_shape), 2, torch.Generator().manual_seed(2 + start),
-                             teacher.condition(prompts, teacher.default_scale))  # fmt: skip
+                             teacher.condition_for({"prompt": prompts}))  # fmt: skip
         chunks.append(to_uint8(teacher.decode(x0)))
     assert torch.equal(got, torch.cat(chunks))
     with pytest.raises(ValueError, match="is not a text-to-image model"):

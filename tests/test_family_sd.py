@@ -3,9 +3,6 @@ latent cache, end-to-end runs (full and LoRA) whose exports reload without scm_d
 sampler, and every bad input -> one sentence, exit 1, nothing written."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,14 +11,10 @@ from tiny_pipelines import IMAGE_SIZE, save_captioned_images, save_tiny, tiny_sd
 
 from scm_distill.cli import main
 from scm_distill.config import resolve
-from scm_distill.families import load_teacher
-from scm_distill.families.guidance import guidance_embedding
 from scm_distill.families.latent import LatentData, LatentSpace, measure_sigma_data
-from scm_distill.families.lcm import consistency_timesteps, lcm_consistency_samples, lcm_scheduler
 from scm_distill.families.sd import StableDiffusionTeacher, StableDiffusionXLTeacher
-from scm_distill.generate import sampling_times
-from scm_distill.lora import merged_copy
-from scm_distill.parameterization import NativeModel
+from scm_distill.families.vp import lcm_original_steps, lcm_scheduler, lcm_timesteps
+from scm_distill.guidance import guidance_embedding
 from scm_distill.sampling import sample_consistency
 from scm_distill.trainer import distill
 from scm_distill.trigflow import input_scale, vp_alpha_sigma
@@ -56,7 +49,7 @@ def test_adapter_x0_equals_scheduler_pred_original_sample(name, prediction):
     teacher = float64_teacher(name, prediction)
     scheduler = DDPMScheduler.from_config(teacher.scheduler_config, prediction_type=prediction, clip_sample=False)
     scheduler.alphas_cumprod = scheduler.alphas_cumprod.double()
-    text = expand(teacher.text_condition(["a cat"]), len(TAU))
+    text = expand(teacher.encode({"prompt": ["a cat"]}), len(TAU))
     added = {"text_embeds": text["text_embeds"], "time_ids": text["time_ids"]} if name == "sdxl" else None
     x_vp = torch.randn(len(TAU), 4, 16, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     with torch.no_grad():
@@ -75,12 +68,12 @@ def test_cfg_target_is_the_linear_combination(name):
     teacher = float64_teacher(name)
     teacher.negative_prompt = "noise" if name == "sd" else ""  # SDXL: the empty prompt is zeroed (force_zeros)
     s = torch.tensor([1.0, 1.7, 3.5])
-    condition = teacher.condition(PROMPTS, s)
+    condition = teacher.guided({"prompt": PROMPTS}, s)
     x_t = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     t = torch.tensor([0.3, 1.1, 1.5], dtype=torch.float64)
     with torch.no_grad():
         guided = teacher.model.velocity(x_t, t, condition)
-        F_c = teacher.model.F(x_t, t, teacher.text_condition(PROMPTS))
+        F_c = teacher.model.F(x_t, t, teacher.encode({"prompt": PROMPTS}))
         F_u = teacher.model.F(x_t, t, condition["uncond"])
     expected = SIGMA_D * (F_u + s.double().view(-1, 1, 1, 1) * (F_c - F_u))
     torch.testing.assert_close(guided, expected, rtol=1e-9, atol=1e-9)
@@ -103,29 +96,40 @@ def test_guidance_embedding_is_the_one_stock_pipelines_feed():
 def test_students_start_equal_to_the_teacher(rank):
     teacher = float64_teacher("sd")
     teacher.configure(resolve(cli={"teacher": "t", "output": "o", "lora": {"rank": rank},
-                                   "guidance": {"embedding_dim": 16}}))  # fmt: skip
+                                   "guidance": {"embedding_dim": 16, "s_max": 8.0}}))  # fmt: skip
     student = teacher.student_model("epsilon", 0.0)
     assert (student.network.config.time_cond_proj_dim == 16) == (rank == 0)
     trainable = [name for name, p in student.network.named_parameters() if p.requires_grad]
     assert all(".lora_" in name for name in trainable) if rank else len(trainable) > 100
     x_t = torch.randn(2, 4, 16, 16, dtype=torch.float64)
     t = torch.tensor([0.4, 1.3], dtype=torch.float64)
-    condition = teacher.condition(PROMPTS[:2], torch.tensor([1.0, 2.0]))
+    condition = teacher.guided({"prompt": PROMPTS[:2]}, torch.tensor([1.0, 2.0]))
     with torch.no_grad():
         torch.testing.assert_close(student.F(x_t, t, condition),
-                                   teacher.model.F(x_t, t, teacher.text_condition(PROMPTS[:2])), rtol=0, atol=1e-12)
+                                   teacher.model.F(x_t, t, teacher.encode({"prompt": PROMPTS[:2]})), rtol=0,
+                                   atol=1e-12)  # fmt: skip
 
 
 def test_the_native_lcm_sampler_is_the_trigflow_sampler():
-    """LCMScheduler on snapped timesteps == the paper's 2-step sampler at those times, its noise read in TrigFlow."""
+    """The stock LCMScheduler loop (what SD pipelines run) == the paper's 2-step sampler at its grid's times, its
+    starting noise read in TrigFlow: the VP consistency sampler is LCMScheduler's step (vp.py)."""
+    from diffusers.utils.torch_utils import randn_tensor
+
     teacher = float64_teacher("sd", "v_prediction")
-    model, condition = teacher.model, teacher.text_condition(PROMPTS)
+    model, condition = teacher.model, teacher.encode({"prompt": PROMPTS})
     shape, process = (3, 4, 16, 16), teacher.model.process
-    timesteps = consistency_timesteps(process, 2, process.t_max, 1.1)
-    scheduler = lcm_scheduler(teacher.scheduler_config, "v_prediction")
+    K = lcm_original_steps(process, process.t_max, 1.1)
+    scheduler = lcm_scheduler(teacher.scheduler_config, "v_prediction", K)
     scheduler.alphas_cumprod = scheduler.alphas_cumprod.double()
-    native = lcm_consistency_samples(model, shape, timesteps, scheduler, torch.Generator().manual_seed(2),
-                                     condition, dtype=torch.float64)  # fmt: skip
+    generator = torch.Generator().manual_seed(2)
+    x = randn_tensor(shape, generator=generator, dtype=torch.float64)
+    scheduler.set_timesteps(2)
+    with torch.no_grad():
+        for tau in scheduler.timesteps:
+            out = model.network_call(model.network, x, tau, condition)
+            x = scheduler.step(out, tau, x, generator=generator, return_dict=False)[0]
+    timesteps = lcm_timesteps(1000, K, 2)
+    assert scheduler.timesteps.tolist() == timesteps
     times = process.t_at(torch.tensor(timesteps, dtype=torch.float64))
     generator = torch.Generator().manual_seed(2)
     alpha, _ = vp_alpha_sigma(times[0], SIGMA_D)
@@ -133,7 +137,17 @@ def test_the_native_lcm_sampler_is_the_trigflow_sampler():
     with torch.no_grad():
         trigflow = sample_consistency(lambda x, t: model.F(x, t, condition), z, times.tolist(), SIGMA_D,
                                       lambda x: torch.randn(x.shape, generator=generator, dtype=x.dtype))  # fmt: skip
-    torch.testing.assert_close(native, trigflow, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(x, trigflow, rtol=1e-6, atol=1e-6)
+
+
+def test_the_lcm_grid_is_the_one_nearest_the_requested_times():
+    teacher = float64_teacher("sd")
+    process = teacher.model.process
+    K = lcm_original_steps(process, 1.50, 1.10)
+    best = process.t_at(torch.tensor(lcm_timesteps(1000, K, 2), dtype=torch.float64))
+    for other in (2, 3, 50, 500, 999):
+        times = process.t_at(torch.tensor(lcm_timesteps(1000, other, 2), dtype=torch.float64))
+        assert ((best - torch.tensor([1.5, 1.1])) ** 2).sum() <= ((times - torch.tensor([1.5, 1.1])) ** 2).sum()
 
 
 def test_latent_cache_runs_the_vae_once_per_image(tmp_path):
@@ -156,122 +170,6 @@ def test_latent_cache_runs_the_vae_once_per_image(tmp_path):
     other = LatentSpace(tiny_sd_pipeline(seed=1).vae)
     assert other.fingerprint() != space.fingerprint()
     assert len(list((tmp_path / "cache").iterdir())) == 1
-
-
-# --- end to end: 2 sCD steps -> export -> reload in a process that cannot import scm_distill ----------------------
-
-LOAD_WITHOUT_SCM_DISTILL = """
-import json, sys
-sys.modules["scm_distill"] = None
-import torch
-from diffusers import DiffusionPipeline, LCMScheduler
-export, teacher, prompts, out_file = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
-calls = json.load(open(f"{export}/scm_call.json"))
-pipe = DiffusionPipeline.from_pretrained(export)
-out = {"cls": type(pipe).__name__, "scheduler": type(pipe.scheduler).__name__}
-for steps, call in calls.items():
-    for kind in ("latent", "pt"):
-        out[f"{steps}-{kind}"] = pipe(prompts, generator=torch.Generator().manual_seed(7), output_type=kind,
-                                      **call).images
-if teacher:
-    pipe = DiffusionPipeline.from_pretrained(teacher)
-    pipe.load_lora_weights(export)
-    pipe.scheduler = LCMScheduler.from_pretrained(export, subfolder="scheduler")
-    out["lora-latent"] = pipe(prompts, generator=torch.Generator().manual_seed(7), output_type="latent",
-                              **calls["2_steps"]).images
-torch.save(out, out_file)
-"""
-
-
-def run_config(teacher_dir, data_dir, output, rank: int):
-    return resolve(cli={"teacher": str(teacher_dir), "output": str(output),
-                        "data": {"spec": str(data_dir), "latent_cache": str(output.parent / "cache")},
-                        "train": {"max_steps": 2, "convert_steps": 1, "batch_size": 4, "sample_every": 3,
-                                  "checkpoint_every": 0},
-                        "sampling": {"teacher_steps": 2, "grid_size": 2},
-                        "guidance": {"embedding_dim": 32}, "lora": {"rank": rank}})  # fmt: skip
-
-
-@pytest.fixture(scope="module", params=[("sd", 0), ("sd", 4), ("sdxl", 0), ("sdxl", 4)],
-                ids=["sd-full", "sd-lora", "sdxl-full", "sdxl-lora"])  # fmt: skip
-def run(request, tmp_path_factory):
-    name, rank = request.param
-    root = tmp_path_factory.mktemp(f"{name}-{rank}")
-    teacher_dir = save_tiny(name, root / "teacher")
-    config = run_config(teacher_dir, save_captioned_images(root / "data"), root / "run", rank)
-    teacher = load_teacher(str(teacher_dir))
-    result = distill(config, teacher=teacher)
-    script, out_file = root / "load.py", root / "out.pt"
-    script.write_text(LOAD_WITHOUT_SCM_DISTILL)
-    done = subprocess.run([sys.executable, str(script), str(result.export_dir), str(teacher_dir) if rank else "",
-                           json.dumps(PROMPTS), str(out_file)], cwd=root, capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    return name, rank, config, teacher, result, torch.load(out_file)
-
-
-def toolkit_samples(teacher, model: NativeModel, config, steps: int, guidance_scale: float):
-    t_max, t_mid = sampling_times(config.sampling, model)
-    condition = teacher.condition(PROMPTS, guidance_scale)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in the export's process: CPU kernels split their sums by thread count
-    try:
-        return teacher.consistency_samples(model, (len(PROMPTS), *teacher.sample_shape), steps, t_max, t_mid,
-                                           torch.Generator().manual_seed(7), condition)  # fmt: skip
-    finally:
-        torch.set_num_threads(threads)
-
-
-def test_export_reloads_without_scm_distill_and_equals_the_toolkit_sampler(run):
-    """Full: the stock pipeline's call == teacher.consistency_samples on the EMA student (latents bit for bit).
-    LoRA: the merged pipeline == the sampler on the merged network; the LoRA on the teacher == the EMA student."""
-    name, rank, config, teacher, result, loaded = run
-    assert loaded["cls"] == {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}[name]
-    assert loaded["scheduler"] == "LCMScheduler"
-    calls = json.loads((result.export_dir / "scm_call.json").read_text())
-    model = result.ema.model
-    if rank:  # the merged pipeline holds W + BA: the toolkit samples with the same merged network
-        model = NativeModel(merged_copy(model.network), model.process, model.prediction, model.sigma_d,
-                            model.network_call)  # fmt: skip
-    for steps, key in ((2, "2_steps"), (1, "1_step")):
-        x0 = toolkit_samples(teacher, model, config, steps, calls[key]["guidance_scale"])
-        assert torch.equal(x0, loaded[f"{key}-latent"]), f"{steps}-step latents differ"
-        images = (teacher.decode(x0) / 2 + 0.5).clamp(0, 1)
-        torch.testing.assert_close(images, loaded[f"{key}-pt"], rtol=0, atol=1e-5)
-    if rank:  # the LoRA on the original teacher (load_lora_weights) is the unmerged EMA student, bit for bit
-        x0 = toolkit_samples(teacher, result.ema.model, config, 2, calls["2_steps"]["guidance_scale"])
-        assert torch.equal(x0, loaded["lora-latent"])
-        torch.testing.assert_close(loaded["lora-latent"], loaded["2_steps-latent"], rtol=0, atol=1e-4)  # ~ merged
-
-
-def test_export_contents_and_model_card(run):
-    name, rank, config, teacher, result, _ = run
-    from diffusers import LCMScheduler, UNet2DConditionModel
-
-    folder = result.export_dir
-    calls = json.loads((folder / "scm_call.json").read_text())
-    unet = UNet2DConditionModel.from_pretrained(folder / "unet")
-    assert unet.config.time_cond_proj_dim == (None if rank else 32)
-    assert not any("lora" in key for key in unet.state_dict())
-    scheduler = LCMScheduler.from_pretrained(folder / "scheduler")
-    assert scheduler.config.prediction_type == "v_prediction" and calls["2_steps"]["timesteps"][0] == 999
-    assert calls["2_steps"]["guidance_scale"] == (1.0 if rank else config.guidance.scale)
-    if rank:  # the adapters trained (lora_B starts at zero) and nothing else did
-        from safetensors.torch import load_file
-
-        lora = load_file(folder / "pytorch_lora_weights.safetensors")
-        assert all(key.startswith("unet.") for key in lora) and any(v.abs().sum() > 0 for k, v in lora.items()
-                                                                     if "lora_B" in k)  # fmt: skip
-        assert not any(p.requires_grad for n, p in result.student.named_parameters() if "lora_" not in n
-                       and n.startswith("model."))  # fmt: skip
-    else:  # the guidance input trained away from its zero initialisation
-        assert unet.time_embedding.cond_proj.weight.abs().sum() > 0
-        assert not (folder / "pytorch_lora_weights.safetensors").exists()
-    card = (folder / "README.md").read_text()
-    assert f"timesteps={calls['2_steps']['timesteps']}" in card and "pipeline_tag: text-to-image" in card
-    assert ("pipe.load_lora_weights(" in card) == bool(rank)
-    assert not any(p.suffix in {".bin", ".pt", ".pth"} for p in folder.rglob("*"))
-    assert 0 < teacher.model.sigma_d < 10 and list((result.run_dir / "samples").glob("*.png"))
 
 
 def losses(run_dir):
@@ -324,7 +222,7 @@ def test_bad_input_is_one_sentence_and_writes_nothing(capsys, tmp_path, sd_teach
     match = {"no-captions": "has no captions", "odd-size": "need sizes divisible by 8",
              "grayscale": "has 1 channel(s) but the teacher's VAE encodes 3-channel images",
              "guidance-below-1": "guidance.s_min must be at least 1", "lora-rank": "lora.rank 64 is larger than",
-             "fp16": "has only fp16 weights, which are meant for GPUs"}[case]  # fmt: skip
+             "fp16": "has only 16-bit unet weights, which are meant for GPUs"}[case]  # fmt: skip
     save_captioned_images(data, n=2, captions=case != "no-captions", size=28 if case == "odd-size" else IMAGE_SIZE)
     if case == "grayscale":
         from PIL import Image

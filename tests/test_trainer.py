@@ -44,7 +44,7 @@ def test_run_dir_contents(tiny_teacher, tmp_path):
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000004", "step-0000005"]
     assert (run / "samples" / "step-0000002.png").is_file() and (run / "samples" / "step-0000005.png").is_file()
     card = (result.export_dir / "README.md").read_text()
-    assert "library_name: diffusers" in card and "trust_remote_code=True" in card
+    assert "library_name: diffusers" in card and "num_inference_steps=2" in card and "trust_remote_code" not in card
     assert not any(p.suffix in {".bin", ".pt", ".pth"} for p in result.export_dir.rglob("*"))
 
 
@@ -80,13 +80,11 @@ def test_non_finite_steps_are_skipped_and_stop_the_run(tmp_path):
 
 
 def test_a_failing_export_leaves_nothing_half_written(tiny_teacher, tmp_path, monkeypatch):
-    from scm_distill.families.unet2d import UNet2DTeacher
-
-    def broken_export(self, network, folder, info):
+    def broken_card(folder, *args, **kwargs):
         (folder / "partial.txt").write_text("half")
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(UNet2DTeacher, "export", broken_export)
+    monkeypatch.setattr("scm_distill.export.pipeline.write_model_card", broken_card)
     with pytest.raises(RuntimeError, match="disk full"):
         distill(tiny_config(tiny_teacher, tmp_path / "run"))
     assert [p for p in tree(tmp_path / "run") if p.startswith(("pipeline", ".pipeline"))] == []

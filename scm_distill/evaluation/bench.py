@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..export.call import PipelineSampler
-from ..export.load import export_index
+from ..export.contract import DESCRIPTION_FILE, read_description
 from ..families import Teacher, load_teacher
 from .cost import CostCase, finite_difference_error, training_cost, unet2d_case
 from .speed import sampling_speed
@@ -41,8 +41,12 @@ class BenchSettings:
 
 
 def export_times(folder: Path) -> tuple[float, float]:
-    index = export_index(folder)
-    return index["t_max"], index["t_mid"]
+    """(t_max, t_mid) of an export's 2-step sampler, from its description."""
+    description = read_description(folder)
+    if description is None:
+        raise ValueError(f"'{folder}' has no {DESCRIPTION_FILE}; it is not an scm-distill export.")
+    t_max, t_mid = description.times["2"]
+    return t_max, t_mid
 
 
 def end_to_end_ms(folder: str | Path, batch_size: int, steps: int, device: torch.device, repeats: int,
@@ -54,9 +58,10 @@ def end_to_end_ms(folder: str | Path, batch_size: int, steps: int, device: torch
 
 
 def readable_export(model: Path, device: torch.device) -> tuple[Teacher | None, str | None]:
-    """The export read back by its family adapter, or None and why not."""
-    if "t_max" not in export_index(model):
-        return None, "a stock pipeline; its consistency times are in scm_call.json"
+    """The export read back by its family adapter (UNet2D students are a DDPMPipeline), or None and why not."""
+    description = read_description(model)
+    if description is None or description.family != "unet2d-vp":
+        return None, "only UNet2D students are read back as a model"
     try:
         return load_teacher(str(model), device=device), None
     except ValueError as error:
@@ -113,7 +118,7 @@ def bench(model: Path, output: Path, teacher: str | None = None, settings: Bench
         train_batch = settings.train_batch or (128 if device.type == "cuda" else 16)
         case = CostCase("exported student network", lambda: copy.deepcopy(student.model.network),
                         student.model.network_call, student.sample_shape, train_batch,
-                        lambda B, d: student.sample_condition(B, torch.Generator().manual_seed(0)))  # fmt: skip
+                        lambda B, d: {})  # fmt: skip
         precisions = ("fp32", "bf16") if device.type == "cuda" else ("fp32",)
         results["training"] = [training_cost(case, device, p, repeats=settings.repeats) for p in precisions]
         results["finite_difference"] = [finite_difference_error(case, device, p) for p in precisions]

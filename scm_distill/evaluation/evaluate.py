@@ -69,15 +69,17 @@ def student_images(sampler: PipelineSampler, steps: int, settings: EvalSettings)
 def teacher_images(teacher, steps: int, settings: EvalSettings) -> torch.Tensor:
     """uint8 samples of the teacher's own sampler; prompts (if any) in the same order as the student's."""
     prompts = settings.prompts
+    if prompts and teacher.inputs_kind != "prompt":
+        raise ValueError(f"teacher '{teacher.source}' is not a text-to-image model; it takes no prompts.")
     chunks, done = [], 0
     while done < settings.num_samples:
         n = min(settings.batch_size, settings.num_samples - done)
         generator = torch.Generator().manual_seed(settings.seed + done)
         if prompts:
-            condition = teacher.prompt_condition([prompts[(done + i) % len(prompts)] for i in range(n)])
+            inputs = {"prompt": [prompts[(done + i) % len(prompts)] for i in range(n)]}
         else:
-            condition = teacher.sample_condition(n, generator)
-        x0 = teacher_samples(teacher.model, (n, *teacher.sample_shape), steps, generator, condition)
+            inputs = teacher.sample_inputs(n, generator)
+        x0 = teacher_samples(teacher.model, (n, *teacher.sample_shape), steps, generator, teacher.condition_for(inputs))
         chunks.append(to_uint8(teacher.decode(x0)))
         done += n
     return torch.cat(chunks)

@@ -15,11 +15,18 @@ def export_index(folder: str | Path) -> dict:
 
 
 def uses_own_pipeline_file(folder: Path) -> bool:
-    """True when model_index.json names a pipeline file shipped in the folder (needs trust_remote_code)."""
-    return isinstance(export_index(folder).get("_class_name"), list)
+    """True when model_index.json names code shipped in the folder (a pipeline or component file)."""
+    index = export_index(folder)
+    components = [v for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and len(v) == 2]
+    return isinstance(index.get("_class_name"), list) or any(v[0] not in ("diffusers", "transformers", None)
+                                                              for v in components)
 
 
-def load_export(folder: str | Path, **kwargs):
+def load_export(folder: str | Path, trust_remote_code: bool | None = None, **kwargs):
     from diffusers import DiffusionPipeline
 
-    return DiffusionPipeline.from_pretrained(folder, trust_remote_code=uses_own_pipeline_file(folder), **kwargs)
+    from ..loading import quiet_loading
+
+    trust = uses_own_pipeline_file(folder) if trust_remote_code is None else trust_remote_code
+    with quiet_loading():
+        return DiffusionPipeline.from_pretrained(folder, trust_remote_code=trust, **kwargs)

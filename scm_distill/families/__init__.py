@@ -18,7 +18,7 @@ from .sd import StableDiffusionTeacher, StableDiffusionXLTeacher
 from .sd3 import StableDiffusion3Teacher
 from .unet2d import UNet2DTeacher
 
-# the first family whose `matches` accepts a pipeline is used: the EDM family precedes SDXL (same pipeline class)
+# every pipeline matches at most one family (the EDM family takes SDXL pipelines with an EDM scheduler, sdxl the rest)
 FAMILIES: tuple[type[Teacher], ...] = (UNet2DTeacher, StableDiffusionTeacher, EDMStableDiffusionXLTeacher,
                                        StableDiffusionXLTeacher, DiTTeacher, StableDiffusion3Teacher, FluxTeacher,
                                        SanaTeacher)  # fmt: skip
@@ -51,9 +51,12 @@ def resolve_folder(source: str) -> Path:
 
 
 def family_of(model_index: dict, source: str) -> type[Teacher]:
-    for family in FAMILIES:
-        if family.matches(model_index):
-            return family
+    matching = [family for family in FAMILIES if family.matches(model_index)]
+    if len(matching) > 1:
+        names = [f.family for f in matching]
+        raise RuntimeError(f"families {names} all match '{source}'; `matches` must be exclusive.")
+    if matching:
+        return matching[0]
     name = model_index.get("_class_name", "?")
     raise ValueError(f"teacher '{source}' is a {name} pipeline, a family not supported yet; supported: "
                      f"{supported_families()}.")  # fmt: skip

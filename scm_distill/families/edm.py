@@ -3,56 +3,53 @@
 EDM pixel pipeline: `DDPMPipeline` neither scales its input nor starts at the EDM noise level.)
 
 The teacher process is EDM's x_sigma = x0 + sigma eps with sigma = sigma_d tan t (METHOD.md §2; `SigmaProcess` on
-the scheduler's [sigma_min, sigma_max]); the network is read exactly as the scheduler reads it (the template's
-`edm_denoise`): D(x, sigma) = c_skip x + c_out net(c_in x, c_noise), c_noise = log(sigma) / 4, with the
-scheduler's own sigma_data and prediction type (EDM "epsilon" or "v_prediction" output scaling). Text conditioning,
-CFG, the guidance input (`time_cond_proj_dim`), latents (per-channel statistics of Playground's VAE) and LoRA are the
-SDXL family's (sd.py).
+the scheduler's [sigma_min, sigma_max]); the network is read exactly as the scheduler reads it:
+D(x, sigma) = c_skip x + c_out net(c_in x, c_noise) with the scheduler's own `precondition_inputs / _noise /
+_outputs` (its sigma_data and prediction type). Text conditioning, CFG, the guidance input (`time_cond_proj_dim`),
+latents (per-channel statistics of Playground's VAE) and LoRA are the SDXL family's (sd.py).
 
-Student parameterization: the teacher's own preconditioned denoiser D ("sample" reading of the preconditioned
-call). It is well-conditioned: F = (cos t x_t - D) / (sigma_d sin t) carries the network's error times
+Student parameterization: the teacher's own preconditioned denoiser D ("sample" reading of the preconditioned call).
+It is well-conditioned: F = (cos t x_t - D) / (sigma_d sin t) carries the network's error times
 c_out / (sigma_d sin t) = s_data / sqrt(sigma_d^2 sin^2 t + s_data^2 cos^2 t) <= max(1, s_data / sigma_d) at every
-t (s_data the scheduler's sigma_data): EDM's preconditioning is TrigFlow's, with unit gain when s_data = sigma_d,
-and no conversion phase is needed. (A raw eps reading would divide the error by c_out -> 0 as sigma -> 0.)
+t (s_data the scheduler's sigma_data): EDM's preconditioning is TrigFlow's, and no conversion phase is needed.
 
-Export: no stock consistency scheduler reads an EDM-preconditioned network (LCMScheduler and TCD are VP; the SDXL
-pipeline would feed the UNet integer timesteps instead of c_noise), so the folder carries its own pipeline file,
-`pipeline_scm_edm.py` (a StableDiffusionXLPipeline subclass), with the teacher's stock EDM scheduler config for the
-preconditioning; its default call is the 2-step student and gives exactly this module's `consistency_samples`.
+Export: stock StableDiffusionXLPipeline (its call feeds `guidance_scale`, default 5.0, to the guidance input) with
+the folder's `SCMEDMScheduler` (export/templates/scheduling_scm_edm.py): EDMEulerScheduler's preconditioning and
+the consistency update at the distilled noise levels. No stock scheduler reads an EDM-preconditioned network with
+consistency steps, hence this one code file.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import shutil
-from pathlib import Path
+import math
 from typing import ClassVar
 
 import diffusers
 import torch
-from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
-from ..export.card import write_model_card
-from ..export.templates.pipeline_scm_edm import consistency_sigmas, edm_consistency_loop, edm_denoise
-from ..lora import base_call, has_lora, merged_copy, save_lora
-from ..parameterization import Condition, NativeModel, NetworkCall, Prediction
+from ..export.contract import ExportDescription
+from ..export.templates.scheduling_scm_edm import SCMEDMScheduler
+from ..guidance import GuidedModel
+from ..lora import base_call
+from ..parameterization import Condition, NetworkCall
 from ..processes import SigmaProcess
+from ..trigflow import sigma_edm_from_t, t_from_log_sigma
 from .base import ExportInfo, component_class
-from .guidance import GuidedModel
-from .sd import StableDiffusionXLTeacher, quiet_loading, unet_call
+from .sd import StableDiffusionXLTeacher, unet_call
 
 EDM_SCHEDULERS = ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler")
-TEMPLATE = Path(__file__).resolve().parent.parent / "export" / "templates" / "pipeline_scm_edm.py"
-PIPELINE_CLASS = "SCMEDMStableDiffusionXLPipeline"
+EDM_MORE_STEPS = ("more steps take EDM's Karras grid from the first distilled noise level down to sigma_min "
+                  "(multistep consistency sampling; not distilled)")  # fmt: skip
 
 
 def edm_call(call: NetworkCall, scheduler) -> NetworkCall:
     """A network call preconditioned as `scheduler` does it: (network, x_sigma, sigma [B], condition) -> D."""
 
     def precondition(network: torch.nn.Module, x: Tensor, sigma: Tensor, condition: Condition) -> Tensor:
-        return edm_denoise(scheduler, lambda x_in, c_noise: call(network, x_in, c_noise, condition), x, sigma)
+        s = sigma.reshape(-1, *([1] * (x.dim() - 1)))
+        out = call(network, scheduler.precondition_inputs(x, s), scheduler.precondition_noise(sigma), condition)
+        return scheduler.precondition_outputs(x, out.to(x.dtype), s)
 
     return precondition
 
@@ -81,58 +78,34 @@ class EDMStableDiffusionXLTeacher(StableDiffusionXLTeacher):
 
     @classmethod
     def matches(cls, model_index: dict) -> bool:
-        return super().matches(model_index) and component_class(model_index, "scheduler") in EDM_SCHEDULERS
+        return model_index.get("_class_name") == cls.pipeline_name and \
+            component_class(model_index, "scheduler") in EDM_SCHEDULERS  # fmt: skip
 
-    def student_model(self, prediction: Prediction | None, dropout: float) -> NativeModel:
-        """The SDXL family's student (guidance input or LoRA), read through the teacher's EDM preconditioning."""
-        student = super().student_model(prediction, dropout)
-        return NativeModel(student.network, student.process, student.prediction, student.sigma_d,
-                           edm_call(unet_call, self.pipe.scheduler))  # fmt: skip
+    def check_student(self, prediction) -> None:
+        if prediction not in (None, "sample"):
+            raise ValueError(f"the EDM export reads the preconditioned denoiser, not {prediction}; leave "
+                             f"student.prediction auto.")  # fmt: skip
 
-    def consistency_samples(self, model: NativeModel, shape: tuple[int, ...], num_steps: int, t_max: float,
-                            t_mid: float, generator, condition: Condition | None = None,
-                            device=None) -> Tensor:  # fmt: skip
-        """The export's sampler (the template's loop): EDM coordinates, starting noise of the TrigFlow start."""
-        if model.prediction != "sample":
-            raise NotImplementedError(f"the EDM sampler reads the preconditioned denoiser, not {model.prediction}.")
-        condition = condition or {}
-        noise = randn_tensor(shape, generator=generator, device=device or self.device, dtype=torch.float32)
-        sigmas = consistency_sigmas(t_max, t_mid, model.sigma_d, num_steps)
-        return edm_consistency_loop(lambda x, sigma: model.network_call(model.network, x, sigma, condition), noise,
-                                    sigmas, model.sigma_d, generator)  # fmt: skip
+    def student_call(self) -> NetworkCall:
+        return edm_call(unet_call, self.pipe.scheduler)
 
-    def export(self, network: torch.nn.Module, folder: Path, info: ExportInfo) -> None:
-        if info.prediction != "sample":
-            raise NotImplementedError(f"the EDM export reads the preconditioned denoiser, not {info.prediction}.")
-        lora = has_lora(network)
-        unet = merged_copy(network) if lora else network
-        components = {k: v for k, v in self.pipe.components.items() if v is not None and k != "unet"}
-        with quiet_loading():
-            pipe = self.pipeline_class().from_pretrained(self.folder, **components, unet=unet, variant=self.variant)
-            pipe.save_pretrained(folder, safe_serialization=True)
-        shutil.copyfile(TEMPLATE, folder / TEMPLATE.name)
-        guided = unet.config.time_cond_proj_dim is not None
-        index = json.loads((folder / "model_index.json").read_text())
-        index.pop("_name_or_path", None)
-        index.update({"_class_name": [TEMPLATE.stem, PIPELINE_CLASS], "t_max": info.t_max, "t_mid": info.t_mid,
-                      "sigma_data": self.model.sigma_d, "guidance_scale": self.default_scale if guided else 1.0,
-                      "height": self.resolution[0], "width": self.resolution[1],
-                      "add_watermarker": False})  # fmt: skip
-        (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        if lora:
-            save_lora(network, folder, diffusers.StableDiffusionXLPipeline)
-        facts = {**info.card_facts, "sigma_data (measured on the latents)": f"{self.model.sigma_d:.4f}",
-                 "EDM noise levels (2 steps)": [round(s, 5) for s in consistency_sigmas(info.t_max, info.t_mid,
-                                                                                         self.model.sigma_d, 2)],
-                 "guidance": self._guidance_fact({"guidance_scale": index["guidance_scale"]})}  # fmt: skip
-        info = dataclasses.replace(info, sigma_data=round(self.model.sigma_d, 6), card_facts=facts)
-        write_model_card(folder, info, usage=USAGE, pipeline_tag="text-to-image")
+    def scheduler(self, prediction: str, info: ExportInfo) -> SCMEDMScheduler:
+        """The distilled noise levels sigma = sigma_d tan t, the start x = sqrt(sigma_0^2 + sigma_d^2) n (the TrigFlow
+        z ~ N(0, sigma_d^2 I) at t_max read in EDM coordinates), the teacher's preconditioning."""
+        config, sigma_d = self.pipe.scheduler.config, info.sigma_data
+        sigmas = sigma_edm_from_t(torch.tensor([info.t_max, info.t_mid], dtype=torch.float64), sigma_d).tolist()
+        return SCMEDMScheduler(sigma_min=config.sigma_min, sigma_max=config.sigma_max, sigma_data=config.sigma_data,
+                               prediction_type=config.prediction_type, consistency_sigmas=sigmas,
+                               start_noise_std=math.hypot(sigmas[0], sigma_d))  # fmt: skip
 
+    def student_pipeline(self, network: torch.nn.Module, info: ExportInfo):
+        components = {k: v for k, v in self.pipe.components.items() if k not in ("unet", "scheduler")}
+        return diffusers.StableDiffusionXLPipeline(**components, unet=network, scheduler=self.scheduler("sample", info))
 
-USAGE = """\
-import torch
-from diffusers import DiffusionPipeline
-
-pipe = DiffusionPipeline.from_pretrained("PATH_OR_REPO_ID", trust_remote_code=True)  # SCMEDMStableDiffusionXLPipeline
-image = pipe("a photo of a cat", generator=torch.Generator().manual_seed(0)).images[0]  # 2 network evaluations
-image.save("sample.png")"""
+    def describe(self, pipeline, info: ExportInfo) -> ExportDescription:
+        sigmas = list(pipeline.scheduler.config.consistency_sigmas)
+        levels = {"1": sigmas[:1], "2": sigmas}
+        times = {n: t_from_log_sigma(torch.tensor(v, dtype=torch.float64).log(), info.sigma_data).tolist()
+                 for n, v in levels.items()}
+        takes_scale = pipeline.unet.config.time_cond_proj_dim is not None and not self.fixed_scale
+        return self.described(info, pipeline, True, times, levels, EDM_MORE_STEPS, **self.guidance_fields(takes_scale))

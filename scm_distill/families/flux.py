@@ -10,10 +10,10 @@ Guidance: guidance-distilled checkpoints (FLUX.1-dev, `guidance_embeds`) take s 
 and are read without CFG; others (schnell, base models) are read with true CFG against the negative prompt and
 the student is rebuilt with a guidance embedding whose last layer starts at zero (so it equals the teacher).
 
-Export: stock FluxPipeline + stock FlowMatchLCMScheduler; the exact call (explicit `sigmas`, `guidance_scale`, size)
-is in scm_call.json and the model card. FluxPipeline does not hand its generator to the scheduler, so the
-re-noising noise comes from torch's global generator: the toolkit's samples for seed k are the call after
-`torch.manual_seed(k)` without a generator (tested bit for bit). LoRA runs also write the adapters.
+Export: stock FluxPipeline, which feeds `guidance_scale` (default 3.5, the distilled default) to the guidance
+embedding and runs no CFG branch by default, with the flow scheduler of flow.py (FluxPipeline passes no generator
+to its scheduler: the scheduler seeds its re-noising from each sample's starting noise, so `generator` fixes the
+samples). A LoRA student of a teacher without guidance embedding distills CFG at one scale (no guidance input).
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from diffusers import FluxTransformer2DModel
 from torch import Tensor
 
 from ..parameterization import Condition
-from .base import ExportInfo
+from .base import Inputs
 from .flow import FlowTeacher
-from .guided_latent import rebuilt_with_guidance_embedding
+from .guidance_inputs import rebuilt_with_guidance_embedding
 
 MAX_SEQUENCE_LENGTH = 512  # T5 tokens, FluxPipeline's default
 
@@ -91,13 +91,14 @@ class FluxTeacher(FlowTeacher):
     description = "FluxPipeline (packed latents; guidance-distilled dev checkpoints or true CFG), text"
     pipeline_name = "FluxPipeline"
     network_call = staticmethod(flux_call)
+    stock_guidance = 3.5  # FluxPipeline's default guidance_scale, fed to the guidance embedding
 
-    def __init__(self, pipe, source: str, folder: Path, sigma_d: float, variant: str | None = None):
+    def __init__(self, pipe, source: str, folder: Path, sigma_d: float):
         vae_channels, channels = pipe.vae.config.latent_channels, pipe.transformer.config.in_channels
         if channels != 4 * vae_channels:
             raise ValueError(f"teacher '{source}' packs 2x2 latent patches into {channels} channels but its VAE has "
                              f"{vae_channels} latent channels (x4 = {4 * vae_channels}).")  # fmt: skip
-        super().__init__(pipe, source, folder, sigma_d, variant)
+        super().__init__(pipe, source, folder, sigma_d)
 
     def default_resolution(self) -> tuple[int, int]:
         return (1024, 1024)  # FluxPipeline's default size (its default_sample_size 128 x 8)
@@ -108,6 +109,10 @@ class FluxTeacher(FlowTeacher):
     def image_tokens(self, h: int, w: int) -> int:
         return (h // 2) * (w // 2)
 
+    @property
+    def native_guidance(self) -> bool:
+        return bool(self.transformer.config.get("guidance_embeds", False))
+
     def check_data(self, images) -> None:
         super().check_data(images)
         step = 2 * self.space.downsampling
@@ -117,29 +122,19 @@ class FluxTeacher(FlowTeacher):
                              f"be multiples of {step}; set data.resize_to.")  # fmt: skip
 
     @torch.no_grad()
-    def text_condition(self, prompts: list[str]) -> Condition:
-        states, pooled, _ = self.pipe.encode_prompt(prompt=list(prompts), prompt_2=None, device=self.device,
+    def encode(self, inputs: Inputs) -> Condition:
+        states, pooled, _ = self.pipe.encode_prompt(prompt=list(inputs["prompt"]), prompt_2=None, device=self.device,
                                                     num_images_per_prompt=1,
                                                     max_sequence_length=MAX_SEQUENCE_LENGTH)  # fmt: skip
         return {"encoder_hidden_states": states, "pooled_projections": pooled}
 
-    @torch.no_grad()
-    def negative_condition(self) -> Condition:
-        return self.text_condition([self.negative_prompt])
+    def encode_negative(self) -> Condition:
+        return self.encode({"prompt": [self.negative_prompt]})
 
-    def network_with_guidance_input(self, dropout: float) -> FluxTransformer2DModel:
+    def guided_network(self, dropout: float) -> FluxTransformer2DModel:
         if self.native_guidance:
             return copy.deepcopy(self.transformer).train().requires_grad_(True)
         return transformer_with_guidance_embedding(self.transformer).train().requires_grad_(True)
 
-    def pipeline_time(self, t: Tensor, latents: Tensor) -> Tensor:
-        return t.to(latents.dtype) / 1000  # FluxPipeline: timestep = t.to(latents.dtype), fed as timestep / 1000
-
-    def pack(self, x: Tensor) -> Tensor:
-        return pack_latents(x)
-
-    def unpack(self, x: Tensor) -> Tensor:
-        return unpack_latents(x, *self.space.latent_size(self.resolution))
-
-    def export(self, network: torch.nn.Module, folder: Path, info: ExportInfo) -> None:
-        self.export_stock(network, folder, info)
+    def pipeline_parts(self, network: torch.nn.Module):
+        return self.pipeline_class(), {"transformer": network}

@@ -5,29 +5,24 @@
 
 Schedules: `alphas_cumprod` (a discrete VP schedule; the network takes the continuous timestep index) or
 `sigmas` (an increasing VE/EDM noise table, x' = x0 + sigma eps; the network takes the index, sigma itself or
-EDM's c_noise, see `time_input`). The export writes the student's weights as safetensors with a JSON that says
-how to read them (diffusers models are saved with `save_pretrained` instead).
+EDM's c_noise, see `time_input`). `data_range` is the range of the network's data (the data loader gives [-1, 1]);
+sigma_d defaults to a quarter of its width (0.5 for [-1, 1], the paper's). The export is the student's weights with
+the reading above, loaded by `scm_distill.load_student(folder, network=YourNet())` (export/module_pipeline.py).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from ..data import check_compatible
-from ..export.card import write_model_card
+from ..export.contract import ExportDescription
+from ..export.module_pipeline import ModulePipeline, module_times, plain_call
 from ..parameterization import Condition, NativeModel, NetworkCall, Prediction, check_prediction, freeze
 from ..processes import SigmaProcess, TimeInput, VPProcess
 from .base import ExportInfo, Teacher
-
-
-def plain_call(network: nn.Module, x: Tensor, time: Tensor, condition: Condition) -> Tensor:
-    """net(x, time, **condition)."""
-    return network(x, time, **condition)
 
 
 class ModuleTeacher(Teacher):
@@ -38,7 +33,8 @@ class ModuleTeacher(Teacher):
     alphas_cumprod: discrete VP schedule [T] (give this or `sigmas`).
     sigmas: increasing noise levels of a VE/EDM schedule (give this or `alphas_cumprod`).
     time_input: for `sigmas`: "index", "sigma" or "c_noise" (= log(sigma) / 4).
-    sigma_d: TrigFlow data standard deviation.
+    data_range: (low, high) of the network's data (images arrive in [-1, 1] and are mapped onto it).
+    sigma_d: TrigFlow data standard deviation (default: (high - low) / 4).
     call: how to feed the network (default `network(x, time, **condition)`).
     """
 
@@ -47,7 +43,13 @@ class ModuleTeacher(Teacher):
 
     def __init__(self, network: nn.Module, *, prediction: Prediction, sample_shape: tuple[int, ...],
                  alphas_cumprod: Tensor | None = None, sigmas: Tensor | None = None, time_input: TimeInput = "sigma",
-                 sigma_d: float = 0.5, call: NetworkCall = plain_call, name: str = "module"):  # fmt: skip
+                 data_range: tuple[float, float] = (-1.0, 1.0), sigma_d: float | None = None,
+                 call: NetworkCall = plain_call, name: str = "module"):  # fmt: skip
+        low, high = map(float, data_range)
+        if not low < high:
+            raise ValueError(f"data_range must be (low, high) with low < high, got {data_range}.")
+        self.data_range = (low, high)
+        sigma_d = (high - low) / 4 if sigma_d is None else sigma_d
         if (alphas_cumprod is None) == (sigmas is None):
             raise ValueError("give exactly one of alphas_cumprod (VP schedule) or sigmas (VE/EDM schedule).")
         if alphas_cumprod is not None:
@@ -78,23 +80,23 @@ class ModuleTeacher(Teacher):
 
     def prepare_batch(self, batch: dict, generator: torch.Generator) -> tuple[Tensor, Condition]:
         device = next(self.network.parameters()).device
-        return batch["image"].to(device, torch.float32), {}
+        low, high = self.data_range
+        return low + (batch["image"].to(device, torch.float32) + 1) / 2 * (high - low), {}
 
     def decode(self, x0: Tensor) -> Tensor:
-        return x0
+        low, high = self.data_range
+        return (x0 - low) / (high - low) * 2 - 1
 
-    def sample_condition(self, batch_size: int, generator: torch.Generator) -> Condition:
-        return {}
+    def reading(self, info: ExportInfo) -> dict:
+        """How the export reads its weights (export/module_pipeline.py)."""
+        return {"prediction": info.prediction, "sigma_data": info.sigma_data, "times": [info.t_max, info.t_mid],
+                "sample_shape": list(self.sample_shape), "data_range": list(self.data_range), **self.schedule}
 
-    def export(self, network: nn.Module, folder: Path, info: ExportInfo) -> None:
-        if hasattr(network, "save_pretrained"):
-            network.save_pretrained(folder / "student", safe_serialization=True)
-        else:
-            save_file({k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()},
-                      folder / "student.safetensors")  # fmt: skip
-        reading = {"prediction": info.prediction, "sigma_data": info.sigma_data, "t_max": info.t_max,
-                   "t_mid": info.t_mid, **self.schedule}  # fmt: skip
-        (folder / "scm_student.json").write_text(json.dumps(reading) + "\n")
-        usage = ("# Load the weights into your own network class, then sample with\n"
-                 "# scm_distill.generate.consistency_samples (see scm_student.json for t_max, t_mid).")  # fmt: skip
-        write_model_card(folder, info, usage=usage, pipeline_tag="unconditional-image-generation")
+    def student_pipeline(self, network: nn.Module, info: ExportInfo) -> ModulePipeline:
+        return ModulePipeline(network, self.reading(info), self.model.network_call)
+
+    def describe(self, pipeline: ModulePipeline, info: ExportInfo) -> ExportDescription:
+        times = module_times(pipeline.reading)
+        return self.described(info, "scm_distill.ModulePipeline", False, times, times,
+                              "more steps take an even grid in TrigFlow time from t_max (multistep consistency "
+                              "sampling; not distilled)")  # fmt: skip

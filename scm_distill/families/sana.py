@@ -5,36 +5,31 @@ with the pipeline's own default instruction (`complex_human_instruction`); CFG's
 negative prompt without it, as in the pipeline. The network time is 1000 s x `timestep_scale` (what SanaPipeline
 feeds); Sana's default scheduler (DPM-Solver on flow sigmas) is accepted like FlowMatchEulerDiscreteScheduler.
 
-Guidance: a teacher with `guidance_embeds` (SANA-Sprint-like) takes s x `guidance_embeds_scale` itself and is read
-without CFG; otherwise the teacher is read with CFG and the student is the transformer rebuilt with Sana's own
-guidance embedding (`guidance_embeds=True`), whose last layer starts at zero, so it equals the teacher at init.
+Student: the transformer plus a zero-initialised guidance embedding added to its time embedding `time_embed.emb`
+(guidance_inputs.py); a LoRA student carries the same input at zero (CFG distilled at one scale). A teacher that
+already takes a guidance scale (`guidance_embeds`, SANA-Sprint-like) is refused: SanaPipeline does not feed it.
 
-Export: SanaPipeline feeds no guidance input (and SanaSprintPipeline feeds the time unscaled, which a Sana teacher
-was not trained on), so a full student's folder carries its own pipeline file (`SCMSanaPipeline` in
-pipeline_scm_flow.py, a SanaPipeline subclass) with a stock FlowMatchLCMScheduler; its default call is the 2-step
-student. A LoRA student of a teacher without guidance input (CFG distilled at guidance.scale) exports the stock
-SanaPipeline + FlowMatchLCMScheduler with the exact call in scm_call.json, and the adapters.
+Export: SanaPipeline runs CFG itself and feeds no guidance input, so the folder carries `SCMSanaPipeline`
+(export/templates/pipeline_scm_sana.py): the stock pipeline whose call keeps every argument and defaults to the
+distilled 2-step student, with the flow scheduler of flow.py.
 """
 
 from __future__ import annotations
 
-import copy
 import inspect
 from pathlib import Path
 
 import diffusers
 import torch
-from diffusers import SanaTransformer2DModel
 from torch import Tensor
 
-from ..lora import has_lora, merged_copy
+from ..export.templates.pipeline_scm_sana import SCMSanaPipeline
 from ..parameterization import Condition
-from .base import ExportInfo
+from .base import Inputs
 from .flow import FlowTeacher
-from .guided_latent import rebuilt_with_guidance_embedding
+from .guidance_inputs import GuidedTransformer, guidance_embedder, with_guidance_input
 
 MAX_SEQUENCE_LENGTH = 300  # Gemma tokens, SanaPipeline's default
-OLD_TIME_EMBED, NEW_TIME_EMBED = "time_embed.emb.timestep_embedder.", "time_embed.timestep_embedder."
 
 
 def sana_instruction() -> list[str]:
@@ -43,19 +38,11 @@ def sana_instruction() -> list[str]:
 
 
 def sana_call(network: torch.nn.Module, x: Tensor, time: Tensor, condition: Condition) -> Tensor:
-    """Feeds a SanaTransformer2DModel; models with a guidance embedding get s x guidance_embeds_scale."""
-    config = network.config
-    guidance = condition["guidance"] * config.guidance_embeds_scale if config.guidance_embeds else None
+    """Feeds a SanaTransformer2DModel (or a GuidedTransformer around one, which takes condition["guidance"])."""
+    kwargs = {"guidance": condition["guidance"]} if isinstance(network, GuidedTransformer) else {}
     return network(x, encoder_hidden_states=condition["encoder_hidden_states"],
-                   encoder_attention_mask=condition["encoder_attention_mask"], timestep=time, guidance=guidance,
-                   return_dict=False)[0]  # fmt: skip
-
-
-def transformer_with_guidance_embedding(transformer: SanaTransformer2DModel) -> SanaTransformer2DModel:
-    """The transformer rebuilt with `guidance_embeds`: the time embedding's weights move to their new names, the
-    guidance embedding's last layer is zero (its output is exactly 0, so the student equals the teacher)."""
-    weights = {key.replace(OLD_TIME_EMBED, NEW_TIME_EMBED): value for key, value in transformer.state_dict().items()}
-    return rebuilt_with_guidance_embedding(transformer, "time_embed", weights)
+                   encoder_attention_mask=condition["encoder_attention_mask"], timestep=time, return_dict=False,
+                   **kwargs)[0]  # fmt: skip
 
 
 class SanaTeacher(FlowTeacher):
@@ -63,40 +50,56 @@ class SanaTeacher(FlowTeacher):
     description = "SanaPipeline (linear-attention DiT, DC-AE latents, flow matching), text + CFG"
     pipeline_name = "SanaPipeline"
     network_call = staticmethod(sana_call)
-    extra_call_kwargs = {"use_resolution_binning": False}  # the stock call keeps the exported size
+
+    def __init__(self, pipe, source: str, folder: Path, sigma_d: float):
+        if pipe.transformer.config.get("guidance_embeds"):
+            raise ValueError(f"teacher '{source}' already takes a guidance scale (guidance_embeds, a SANA-Sprint-like "
+                             f"model) that SanaPipeline does not feed; distill the model it was distilled "
+                             f"from.")  # fmt: skip
+        super().__init__(pipe, source, folder, sigma_d)
 
     def time_scale(self) -> float:
         return 1000.0 * self.transformer.config.timestep_scale
 
-    @torch.no_grad()
     def _encode(self, prompts: list[str], negative: bool) -> Condition:
-        states, mask, negative_states, negative_mask = self.pipe.encode_prompt(
-            list(prompts), do_classifier_free_guidance=negative, negative_prompt=self.negative_prompt,
-            device=self.device, clean_caption=False, max_sequence_length=MAX_SEQUENCE_LENGTH,
-            complex_human_instruction=sana_instruction())  # fmt: skip
+        with torch.no_grad():
+            states, mask, negative_states, negative_mask = self.pipe.encode_prompt(
+                prompts, do_classifier_free_guidance=negative, negative_prompt=self.negative_prompt,
+                device=self.device, clean_caption=False, max_sequence_length=MAX_SEQUENCE_LENGTH,
+                complex_human_instruction=sana_instruction())  # fmt: skip
         if negative:
             states, mask = negative_states, negative_mask
         return {"encoder_hidden_states": states, "encoder_attention_mask": mask}
 
-    def text_condition(self, prompts: list[str]) -> Condition:
-        return self._encode(prompts, negative=False)
+    def encode(self, inputs: Inputs) -> Condition:
+        return self._encode(list(inputs["prompt"]), negative=False)
 
-    def negative_condition(self) -> Condition:
+    def encode_negative(self) -> Condition:
         return self._encode([""], negative=True)
 
-    def network_with_guidance_input(self, dropout: float) -> SanaTransformer2DModel:
-        if self.native_guidance:
-            return copy.deepcopy(self.transformer).train().requires_grad_(True)
-        return transformer_with_guidance_embedding(self.transformer).train().requires_grad_(True)
+    def size_inputs(self) -> Inputs:
+        """SanaPipeline bins the requested size to an aspect-ratio table by default, which exists only for the
+        released models' sample sizes (512-4096 px): other sizes are named in the call with binning off."""
+        binned = self.transformer.config.sample_size * self.space.downsampling in (512, 1024, 2048, 4096)
+        if binned and tuple(self.resolution) == tuple(self.default_resolution()):
+            return {}
+        return {"height": self.resolution[0], "width": self.resolution[1], "use_resolution_binning": False}
 
-    def pipeline_time(self, t: Tensor, latents: Tensor) -> Tensor:
-        return t * self.transformer.config.timestep_scale
+    def embedder(self):
+        return guidance_embedder(self.transformer, self.transformer.config.num_attention_heads *
+                                 self.transformer.config.attention_head_dim, ["time_embed.emb"], self.embedding_dim,
+                                 self.default_scale, self.scales)  # fmt: skip
 
-    def export(self, network: torch.nn.Module, folder: Path, info: ExportInfo) -> None:
-        if has_lora(network) and not network.config.guidance_embeds:
-            return self.export_stock(network, folder, info)
-        if has_lora(network):
-            self.save_lora(network, folder)
-            network = merged_copy(network)
-        self.export_pipeline_file(network, folder, info, "SCMSanaPipeline",
-                                  {"max_sequence_length": MAX_SEQUENCE_LENGTH})  # fmt: skip
+    def guided_network(self, dropout: float) -> GuidedTransformer:
+        return with_guidance_input(self.transformer, self.embedder(), dropout)
+
+    def zero_guidance_input(self, network: torch.nn.Module) -> GuidedTransformer:
+        return GuidedTransformer(network, self.embedder())
+
+    def call_overrides(self, network: torch.nn.Module) -> dict:
+        return {}  # the pipeline's CFG branch is always off
+
+    def pipeline_parts(self, network: torch.nn.Module):
+        if not isinstance(network, GuidedTransformer):  # an unmerged LoRA student: its input is zero anyway
+            network = GuidedTransformer(network, self.embedder())
+        return SCMSanaPipeline, {"transformer": network.transformer, "guidance_embedder": network.guidance_embedder}

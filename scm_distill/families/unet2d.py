@@ -1,29 +1,25 @@
 """Pixel-space teachers: a diffusers `UNet2DModel` with a DDPM-family scheduler (e.g. `DDPMPipeline`).
 
-The export is a pipeline folder with the student as a `UNet2DModel` (v-prediction on the teacher's schedule),
-a stock `DDPMScheduler` config that says so, and `pipeline_scm_unet2d.py`, a self-contained 2-step sampler
-(stock `DDPMPipeline` takes no custom timesteps, so it cannot land at t_mid; ECOSYSTEM.md).
+Export: stock `DDPMPipeline` with the student as a `UNet2DModel` (v-prediction on the teacher's schedule) and a
+stock `LCMScheduler` whose `original_inference_steps` put the distilled times on its 2-step grid (vp.py):
+`pipe(batch_size=16, num_inference_steps=2)` is the student (DDPMPipeline passes its generator to the scheduler,
+so the generator fixes the samples). The export reads back as a teacher of this family.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
-import diffusers
 import torch
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import DDPMPipeline, UNet2DModel
 from torch import Tensor
 
 from ..data import check_compatible
-from ..export.card import write_model_card
+from ..export.contract import ExportDescription
 from ..parameterization import Condition, NativeModel, freeze, unet2d_call
 from .base import ExportInfo, Teacher, component_class
-from .vp import vp_prediction, vp_process, vp_schedule_config
-
-TEMPLATE = Path(__file__).resolve().parent.parent / "export" / "templates" / "pipeline_scm_unet2d.py"
-PIPELINE_CLASS = "SCMUNet2DPipeline"
+from .vp import LCM_MORE_STEPS, lcm_original_steps, lcm_scheduler, lcm_times, vp_prediction, vp_process
 
 
 class UNet2DTeacher(Teacher):
@@ -63,53 +59,27 @@ class UNet2DTeacher(Teacher):
 
     def check_data(self, images) -> None:
         check_compatible(images, self.sample_shape[0], self.sample_shape[1:])
-        if self.num_classes is not None and images.num_classes is None:
-            raise ValueError(f"the teacher is class-conditional but data '{images.name}' has no labels.")
+
+    def configure(self, config) -> None:
+        super().configure(config)
+        if self.num_classes is not None:
+            raise ValueError(f"teacher '{self.source}' is a class-conditional UNet2DModel, which DDPMPipeline cannot "
+                             f"call with labels; only unconditional UNet2DModel teachers are supported.")  # fmt: skip
+
+    def check_student(self, prediction) -> None:
+        if prediction not in (None, "epsilon", "v_prediction", "sample"):
+            raise ValueError(f"LCMScheduler cannot read a {prediction} student; use v_prediction, epsilon or sample.")
 
     def prepare_batch(self, batch: dict, generator: torch.Generator) -> tuple[Tensor, Condition]:
-        x0 = batch["image"].to(self.unet.device, torch.float32)
-        if self.num_classes is None:
-            return x0, {}
-        return x0, {"class_labels": batch["label"].to(self.unet.device)}
+        return batch["image"].to(self.unet.device, torch.float32), {}
 
     def decode(self, x0: Tensor) -> Tensor:
         return x0
 
-    def sample_condition(self, batch_size: int, generator: torch.Generator) -> Condition:
-        if self.num_classes is None:
-            return {}
-        labels = torch.randint(0, self.num_classes, (batch_size,), generator=generator)
-        return {"class_labels": labels.to(self.unet.device)}
+    def student_pipeline(self, network: torch.nn.Module, info: ExportInfo) -> DDPMPipeline:
+        K = lcm_original_steps(self.model.process, info.t_max, info.t_mid)
+        return DDPMPipeline(unet=network, scheduler=lcm_scheduler(self.scheduler_config, info.prediction, K))
 
-    def export(self, network: torch.nn.Module, folder: Path, info: ExportInfo) -> None:
-        if self.num_classes is not None:
-            raise NotImplementedError("export of class-conditional UNet2DModel students is not supported yet.")
-        if info.prediction != "v_prediction":
-            raise NotImplementedError(f"the UNet2DModel export needs a v-prediction student, not {info.prediction}.")
-        network.save_pretrained(folder / "unet", safe_serialization=True)
-        schedule = vp_schedule_config(self.scheduler_config)
-        DDPMScheduler(**schedule, prediction_type="v_prediction", clip_sample=False).save_pretrained(
-            folder / "scheduler"
-        )
-        shutil.copyfile(TEMPLATE, folder / TEMPLATE.name)
-        model_index = {
-            "_class_name": [TEMPLATE.stem, PIPELINE_CLASS],
-            "_diffusers_version": diffusers.__version__,
-            "scheduler": ["diffusers", "DDPMScheduler"],
-            "unet": ["diffusers", "UNet2DModel"],
-            "sigma_data": info.sigma_data,
-            "t_max": info.t_max,
-            "t_mid": info.t_mid,
-        }
-        (folder / "model_index.json").write_text(json.dumps(model_index, indent=2) + "\n")
-        usage = USAGE.format(folder="PATH_OR_REPO_ID")
-        write_model_card(folder, info, usage=usage, pipeline_tag="unconditional-image-generation")
-
-
-USAGE = """\
-import torch
-from diffusers import DiffusionPipeline
-
-pipe = DiffusionPipeline.from_pretrained("{folder}", trust_remote_code=True)
-images = pipe(batch_size=16, generator=torch.Generator().manual_seed(0)).images  # 2 network evaluations
-images[0].save("sample.png")"""
+    def describe(self, pipeline, info: ExportInfo) -> ExportDescription:
+        times, timesteps = lcm_times(self.model.process, pipeline.scheduler)
+        return self.described(info, pipeline, False, times, timesteps, LCM_MORE_STEPS)

@@ -1,15 +1,19 @@
-"""Two-step sCM sampler for a distilled DiT (exported by scm-distill; needs only torch and diffusers).
+"""The distilled sCM student of a DiT as a `DiTPipeline` (written by scm-distill; needs only torch and diffusers).
 
 Method: C. Lu, Y. Song, "Simplifying, Stabilizing and Scaling Continuous-Time Consistency Models",
-arXiv 2410.11081v2, Sec. 5.2. `transformer` is a class-conditional DiT read as v-prediction on the
-variance-preserving schedule of `scheduler` (a stock LCMScheduler whose boundary condition applies the x0 estimate
-as is), `guidance_embedder` adds the embedding of the guidance scale to its time embeddings (guidance_embedder/
-scm_guidance.py). At the integer timesteps in the config (their TrigFlow times are t_max and t_mid) one
-LCMScheduler step is the consistency function followed by re-noising: x0 = f(x, t_max), x = cos t_mid x0 + sin
-t_mid z, x0 = f(x, t_mid). Classifier-free guidance is distilled: one network call per step, no null-class branch.
+arXiv 2410.11081v2, Sec. 5.2. The transformer is a class-conditional DiT read as v-prediction on the
+variance-preserving schedule of a stock `LCMScheduler`, whose step is the consistency function followed by
+re-noising (x0 = f(x, t_max), x = cos t_mid x0 + sin t_mid z, x0 = f(x, t_mid)) at the integer timesteps its
+`original_inference_steps` put on the 1- and 2-step grids. Classifier-free guidance is distilled: the
+`guidance_embedder` adds the embedding of the guidance scale to the transformer's time embeddings, one network call
+per step and no null-class branch. Stock `DiTPipeline` cannot express this (it runs CFG itself, takes no
+guidance input and does not pass its generator to the scheduler), hence this subclass; the call is the stock one
+with the distilled defaults: `pipe(class_labels=[...], num_inference_steps=2)`.
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 from diffusers import AutoencoderKL, DiTPipeline, DiTTransformer2DModel, ImagePipelineOutput, LCMScheduler
@@ -17,48 +21,39 @@ from diffusers.utils.torch_utils import randn_tensor
 
 
 class SCMDiTPipeline(DiTPipeline):
-    """`pipe(class_labels=[...], generator=...)`: 2 network evaluations at the distilled guidance scale."""
+    """`pipe(class_labels, num_inference_steps=2)`: the distilled student at the distilled guidance scale."""
 
+    __module__ = "pipeline_scm_dit"  # the file this class is shipped in
     model_cpu_offload_seq = "guidance_embedder->transformer->vae"
 
     def __init__(self, transformer: DiTTransformer2DModel, vae: AutoencoderKL, scheduler: LCMScheduler,
-                 guidance_embedder: torch.nn.Module, id2label: dict[int, str] | None = None,
-                 timesteps: list[int] | None = None, guidance_scale: float = 1.5):  # fmt: skip
+                 guidance_embedder: torch.nn.Module, id2label: dict[int, str] | None = None):  # fmt: skip
         super().__init__(transformer=transformer, vae=vae, scheduler=scheduler, id2label=id2label)
         self.register_modules(guidance_embedder=guidance_embedder)
-        self.register_to_config(timesteps=list(timesteps or [999]), guidance_scale=guidance_scale)
-
-    def consistency_timesteps(self, num_inference_steps: int) -> list[int]:
-        """[tau_max] for 1 step, [tau_max, tau_mid] for 2 (the distilled sampler's integer timesteps)."""
-        if num_inference_steps not in (1, 2):
-            raise ValueError(f"num_inference_steps must be 1 or 2 for this consistency model, got "
-                             f"{num_inference_steps}.")  # fmt: skip
-        return list(self.config.timesteps)[:num_inference_steps]
 
     @torch.no_grad()
     def __call__(
         self,
-        class_labels: list[int],
+        class_labels: list[int] | int,
         guidance_scale: float | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         num_inference_steps: int = 2,
         output_type: str | None = "pil",
         return_dict: bool = True,
     ) -> ImagePipelineOutput | tuple:
-        device = self._execution_device
+        device, dtype = self._execution_device, self.transformer.dtype
         labels = torch.tensor(class_labels, device=device).reshape(-1)
         batch_size, channels = labels.shape[0], self.transformer.config.in_channels
         size = self.transformer.config.sample_size
-        scale = self.config.guidance_scale if guidance_scale is None else guidance_scale
-        s = torch.full((batch_size,), float(scale), device=device, dtype=torch.float32)
+        s = self.guidance_embedder.scale(guidance_scale)
 
         shape = (batch_size, channels, size, size)
-        latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
-        latents = latents * self.scheduler.init_noise_sigma
-        self.scheduler.set_timesteps(timesteps=self.consistency_timesteps(num_inference_steps), device=device)
+        latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype) * self.scheduler.init_noise_sigma
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
         for t in self.progress_bar(self.scheduler.timesteps):
+            model_input = self.scheduler.scale_model_input(latents, t)
             with self.guidance_embedder.added_to(self.transformer, s):
-                out = self.transformer(latents, timestep=t.expand(batch_size), class_labels=labels).sample
+                out = self.transformer(model_input, timestep=t.expand(batch_size), class_labels=labels).sample
             out = out[:, :channels]  # learned variance: the first C channels are the prediction
             latents = self.scheduler.step(out, t, latents, generator=generator, return_dict=False)[0]
 
@@ -72,6 +67,16 @@ class SCMDiTPipeline(DiTPipeline):
                 if output_type == "pil":
                     images = self.numpy_to_pil(images)
         self.maybe_free_model_hooks()
-        if not return_dict:
-            return (images,)
-        return ImagePipelineOutput(images=images)
+        return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+    @classmethod
+    def _get_signature_types(cls) -> dict:
+        """`from_pipe` keeps a component only if its class is the annotated one: the guidance input's class is the
+        one diffusers loaded from the folder's scm_guidance.py (or scm-distill's own copy of it)."""
+        loaded = tuple(m.SCMGuidanceEmbedding for name, m in list(sys.modules.items())
+                       if name.endswith("scm_guidance") and hasattr(m, "SCMGuidanceEmbedding"))  # fmt: skip
+        return {**super()._get_signature_types(), "guidance_embedder": loaded}
+
+    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
+        super().save_pretrained(save_directory, *args, **kwargs)
+        self.guidance_embedder.ship_pipeline_code(self, save_directory, __file__)

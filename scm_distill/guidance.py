@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..parameterization import Condition, NativeModel
-from ..trigflow import expand_as
+from .parameterization import Condition, NativeModel
+from .trigflow import expand_as
 
 GUIDANCE_KEYS = ("uncond", "guidance_scale")  # keys of a guided condition that are not network inputs
 

@@ -1,0 +1,100 @@
+"""The export of a student of your own `nn.Module`: a small pipeline that takes your network class.
+
+    from scm_distill import load_student
+    pipe = load_student("runs/mine/pipeline", network=MyNet())         # loads student.safetensors into MyNet()
+    images = pipe(batch_size=16, num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images
+
+The folder holds the student's weights (`student.safetensors`, the state dict of your network class), its reading
+(`scm_reading.json`: prediction type, schedule, time input, data range, sigma_d and the sampler's times), the
+description and the model card. Sampling is the toolkit's own consistency sampler (sampling.py, arXiv 2410.11081v2
+Sec. 5.2) on the network read in TrigFlow (parameterization.py), so the export and the toolkit are one code path.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..checkpoint import check_state_dict
+from ..parameterization import NativeModel, NetworkCall
+from ..processes import SigmaProcess, VPProcess
+from ..trigflow import consistency_times
+
+WEIGHTS_FILE, READING_FILE = "student.safetensors", "scm_reading.json"
+
+
+@dataclass
+class ModuleOutput:
+    images: np.ndarray | torch.Tensor  # [B, H, W, C] in [0, 1] ("np") or [B, C, H, W] ("pt")
+
+
+def plain_call(network: nn.Module, x, time, condition):
+    """net(x, time, **condition)."""
+    return network(x, time, **condition)
+
+
+def reading_process(reading: dict):
+    """The schedule of a reading: a VP alphas_cumprod table or an increasing sigma table."""
+    sigma_d = reading["sigma_data"]
+    if "alphas_cumprod" in reading:
+        return VPProcess(torch.tensor(reading["alphas_cumprod"], dtype=torch.float64), sigma_d)
+    return SigmaProcess(torch.tensor(reading["sigmas"], dtype=torch.float64), sigma_d, reading["time_input"])
+
+
+class ModulePipeline:
+    """`pipe(batch_size, num_inference_steps=2, generator=None, output_type="np")` on a network of your class."""
+
+    def __init__(self, network: nn.Module, reading: dict, call: NetworkCall = plain_call):
+        self.network, self.reading = network, reading
+        self.model = NativeModel(network, reading_process(reading), reading["prediction"], reading["sigma_data"],
+                                 call)  # fmt: skip
+
+    def set_progress_bar_config(self, **kwargs) -> None:
+        """Nothing to show: one or two network calls."""
+
+    @torch.no_grad()
+    def __call__(self, batch_size: int = 1, num_inference_steps: int = 2, generator=None, output_type: str = "np",
+                 return_dict: bool = True):  # fmt: skip
+        from ..generate import consistency_samples
+
+        t_max, t_mid = self.reading["times"]
+        device = next(self.network.parameters()).device
+        x0 = consistency_samples(self.model, (batch_size, *self.reading["sample_shape"]), num_inference_steps, t_max,
+                                 t_mid, generator, device=device)  # fmt: skip
+        low, high = self.reading["data_range"]
+        images = ((x0.float() - low) / (high - low)).clamp(0, 1)
+        if output_type != "pt":
+            images = images.cpu().permute(0, 2, 3, 1).numpy()
+        return ModuleOutput(images) if return_dict else (images,)
+
+    def save_pretrained(self, folder, safe_serialization: bool = True) -> None:
+        folder = Path(folder)
+        weights = {k: v.detach().cpu().contiguous() for k, v in self.network.state_dict().items()}
+        save_file(weights, folder / WEIGHTS_FILE)
+        (folder / READING_FILE).write_text(json.dumps(self.reading, indent=1) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, folder, network: nn.Module, call: NetworkCall = plain_call) -> ModulePipeline:
+        folder = Path(folder)
+        if not (folder / READING_FILE).is_file():
+            raise ValueError(f"'{folder}' is not the export of a module student (no {READING_FILE}).")
+        weights = load_file(folder / WEIGHTS_FILE)
+        check_state_dict(weights, network.state_dict(), f"the student weights in '{folder}'")
+        network.load_state_dict(weights)
+        return cls(network.eval(), json.loads((folder / READING_FILE).read_text()), call)
+
+
+def load_student(folder: str | Path, network: nn.Module, call: NetworkCall = plain_call) -> ModulePipeline:
+    """The exported student of a module teacher, loaded into `network` (an instance of your network class)."""
+    return ModulePipeline.from_pretrained(folder, network, call)
+
+
+def module_times(reading: dict) -> dict:
+    t_max, t_mid = reading["times"]
+    return {str(n): consistency_times(n, t_max, t_mid) for n in (1, 2)}
