@@ -36,6 +36,9 @@ from .student import Student
 
 BLOCK_LISTS = ("down_blocks", "up_blocks", "transformer_blocks", "single_transformer_blocks")  # each element a unit
 BLOCK_MODULES = ("mid_block",)  # a unit of its own
+# modules inside a block that the network also calls from outside it (a unit's parameters are gathered only inside
+# its own forward): DiT's output layer reads transformer_blocks[0].norm1.emb
+OWN_UNIT_CLASSES = ("CombinedTimestepLabelEmbeddings",)
 
 
 def check_launcher(environ: Mapping[str, str], parallel: str) -> None:
@@ -70,7 +73,8 @@ def shard_units(network: nn.Module) -> list[nn.Module]:
     found = []
     for name, module in network.named_modules():
         parts = name.split(".")
-        if parts[-1] in BLOCK_MODULES or (len(parts) >= 2 and parts[-2] in BLOCK_LISTS and parts[-1].isdigit()):
+        in_list = len(parts) >= 2 and parts[-2] in BLOCK_LISTS and parts[-1].isdigit()
+        if in_list or parts[-1] in BLOCK_MODULES or type(module).__name__ in OWN_UNIT_CLASSES:
             found.append((len(parts), name, module))
     return [module for _, _, module in sorted(found, key=lambda item: -item[0])]
 
@@ -97,18 +101,20 @@ def policies(mixed_precision: str) -> tuple[MixedPrecisionPolicy, MixedPrecision
 
 
 def shard_network(network: nn.Module, mesh, mixed_precision: str) -> nn.Module:
-    """fully_shard every block unit, then the network as the root unit (in place)."""
+    """fully_shard every block unit, then the network as the root unit (in place). Every unit reshards after its
+    forward, roots too: forwards without a backward (the JVP, the teacher, sample grids, a logvar output the
+    conversion loss ignores) must leave the parameters sharded, or the EMA update would meet unsharded ones."""
     block, root = policies(mixed_precision)
     for unit in shard_units(network):
-        fully_shard(unit, mesh=mesh, mp_policy=block)
-    fully_shard(network, mesh=mesh, mp_policy=root)
+        fully_shard(unit, mesh=mesh, mp_policy=block, reshard_after_forward=True)
+    fully_shard(network, mesh=mesh, mp_policy=root, reshard_after_forward=True)
     return network
 
 
 def shard_student(student: Student, mesh, mixed_precision: str) -> Student:
     """Shard the network per block and the logvar head as a unit of its own; every parameter ends up sharded."""
     shard_network(student.network, mesh, mixed_precision)
-    fully_shard(student.logvar, mesh=mesh, mp_policy=policies(mixed_precision)[1])
+    fully_shard(student.logvar, mesh=mesh, mp_policy=policies(mixed_precision)[1], reshard_after_forward=True)
     unsharded = [name for name, p in student.named_parameters() if not isinstance(p, DTensor)]
     if unsharded:
         raise NotImplementedError(f"train.parallel fsdp cannot shard parameters outside the student's network "

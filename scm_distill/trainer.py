@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedDataParallelKwargs
 from tqdm.auto import tqdm
 
 from .accumulation import gradient_sync, grouped, virtual_rank
@@ -158,7 +158,9 @@ def distill(config: DistillConfig, resume: str | None = None, overwrite: bool = 
     """Run sCD for `config` and export the EMA student to OUTPUT/pipeline. See the module docstring."""
     check_launcher(os.environ, config.train.parallel)
     # cpu=True without CUDA: under torchrun that is accelerate's multi-CPU (gloo) mode, not N independent runs
-    accelerator = Accelerator(mixed_precision=config.train.mixed_precision, cpu=not torch.cuda.is_available())
+    # find_unused_parameters: the conversion loss does not use the logvar head (DDP fails at step 2 otherwise)
+    accelerator = Accelerator(mixed_precision=config.train.mixed_precision, cpu=not torch.cuda.is_available(),
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     teacher, data = setup(config, accelerator, teacher)
     train = config.train
