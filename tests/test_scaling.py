@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import ToyNet, tree
+from conftest import REPO, ToyNet, tree
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from safetensors.torch import load_file
 
@@ -153,3 +153,27 @@ def test_checkpoints_of_another_layout_or_model_are_refused(capsys, tiny_teacher
                                          r"shape \(16,\), expected \(24,\)"):  # fmt: skip
         distill(config(wider, other, parallel="fsdp", max_steps=1), resume=str(checkpoint))
     assert tree(other) == before
+
+
+def accelerate_environment(config_file) -> dict:
+    """The environment `accelerate launch --config_file FILE` gives the training processes (accelerate's own code)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    args, _, _ = _validate_launch_command(launch_command_parser().parse_args(["--config_file", str(config_file),
+                                                                              "train.py"]))  # fmt: skip
+    return prepare_multi_gpu_env(args)
+
+
+def test_the_fsdp2_accelerate_config_is_accepted_and_fsdp1_refused(tmp_path):
+    from scm_distill.parallel import check_launcher
+
+    config = REPO / "recipes" / "accelerate" / "fsdp2.yaml"
+    environment = accelerate_environment(config)
+    check_launcher(environment, "fsdp")
+    with pytest.raises(ValueError, match="asks for FSDP2 but train.parallel is ddp"):
+        check_launcher(environment, "ddp")
+    fsdp1 = tmp_path / "fsdp1.yaml"
+    fsdp1.write_text(config.read_text().replace("fsdp_version: 2", "fsdp_version: 1"))
+    with pytest.raises(ValueError, match="accelerate's FSDP1 is not supported"):
+        check_launcher(accelerate_environment(fsdp1), "fsdp")
