@@ -18,7 +18,7 @@ import pytest
 import torch
 from conftest import REPO, tree
 from safetensors.torch import load_file
-from tiny_pipelines import save_class_images, save_tiny
+from tiny_pipelines import save_captioned_images, save_class_images, save_tiny
 
 from scm_distill.checkpoint import list_checkpoints
 from scm_distill.config import resolve
@@ -62,6 +62,14 @@ def dit_config(teacher, data, output, **train) -> dict:
             "sampling": {"teacher_steps": 2, "grid_size": 2}, "guidance": {"embedding_dim": 32}, "train": settings}
 
 
+def lora_config(teacher, data, output, **train) -> dict:
+    """The tiny SD teacher with a rank-4 LoRA student (sharing the teacher's UNet): 1 conversion + 2 sCD steps."""
+    settings = {"max_steps": 2, "convert_steps": 1, "batch_size": 2, "sample_every": 0, "checkpoint_every": 0,
+                "log_every": 1, "parallel": "fsdp", **train}  # fmt: skip
+    return {"teacher": str(teacher), "output": str(output), "data": {"spec": str(data)}, "lora": {"rank": 4},
+            "sampling": {"teacher_steps": 2, "grid_size": 2}, "guidance": {"embedding_dim": 32}, "train": settings}
+
+
 def losses(run_dir) -> list[float]:
     return [json.loads(line)["loss"] for line in (run_dir / "log.jsonl").read_text().splitlines()]
 
@@ -88,37 +96,46 @@ def dit_files(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def two_process_runs(tiny_teacher, dit_files, tmp_path_factory):
+def sd_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sd")
+    return save_tiny("sd", root / "teacher"), save_captioned_images(root / "data")
+
+
+@pytest.fixture(scope="module")
+def two_process_runs(tiny_teacher, dit_files, sd_files, tmp_path_factory):
     """FSDP straight, FSDP stopped at step 2 and resumed on 2 processes, DDP straight, FSDP DiT with activation
-    checkpointing, and last an FSDP run whose rank 1 is SIGKILLed while DCP writes the step-4 shards."""
+    checkpointing, an FSDP SD LoRA student, and last an FSDP run whose rank 1 is SIGKILLed while DCP writes the step-4
+    shards."""
     root = tmp_path_factory.mktemp("two")
     dit_teacher, dit_data = dit_files
-    runs = {name: root / name for name in ("fsdp", "resumed", "ddp", "dit", "killed")}
+    runs = {name: root / name for name in ("fsdp", "resumed", "ddp", "dit", "lora", "killed")}
     jobs = [{"config": unet_config(tiny_teacher, runs["fsdp"])},
             {"config": unet_config(tiny_teacher, runs["resumed"], max_steps=1)},
             {"config": unet_config(tiny_teacher, runs["resumed"]), "resume": "latest"},
             {"config": unet_config(tiny_teacher, runs["ddp"], parallel="ddp")},
             {"config": dit_config(dit_teacher, dit_data, runs["dit"], activation_checkpointing=True)},
+            {"config": lora_config(*sd_files, runs["lora"])},
             {"config": unet_config(tiny_teacher, runs["killed"]), "kill_rank_at": [1, "step-0000004"]}]  # fmt: skip
     done = torchrun(jobs, root)
     assert done.returncode != 0 and "SIGKILL" in done.stderr, rank0_error(done)  # the last job's kill
-    assert all((runs[name] / "pipeline").is_dir() for name in ("fsdp", "resumed", "ddp", "dit")), rank0_error(done)
+    assert all((runs[name] / "pipeline").is_dir() for name in ("fsdp", "resumed", "ddp", "dit", "lora")), \
+        rank0_error(done)  # fmt: skip
     return runs
 
 
 @pytest.fixture(scope="module")
-def references(tiny_teacher, dit_files, tmp_path_factory):
+def references(tiny_teacher, dit_files, sd_files, tmp_path_factory):
     """One plain process, grad_accum_steps 2: the same global batch as 2 processes."""
     root = tmp_path_factory.mktemp("one")
-    dit_teacher, dit_data = dit_files
-    unet = distill(resolve(cli=unet_config(tiny_teacher, root / "unet", parallel="ddp", grad_accum_steps=2)))
-    dit = distill(resolve(cli=dit_config(dit_teacher, dit_data, root / "dit", parallel="ddp", grad_accum_steps=2)))
-    return {"unet": unet.run_dir, "dit": dit.run_dir}
+    configs = {"unet": unet_config(tiny_teacher, root / "unet", parallel="ddp", grad_accum_steps=2),
+               "dit": dit_config(*dit_files, root / "dit", parallel="ddp", grad_accum_steps=2),
+               "lora": lora_config(*sd_files, root / "lora", parallel="ddp", grad_accum_steps=2)}  # fmt: skip
+    return {name: distill(resolve(cli=config)).run_dir for name, config in configs.items()}
 
 
 def test_fsdp_on_two_processes_equals_one_process_with_the_same_global_batch(two_process_runs, references,
                                                                             tiny_teacher):  # fmt: skip
-    for run, reference in (("fsdp", "unet"), ("dit", "dit")):
+    for run, reference in (("fsdp", "unet"), ("dit", "dit"), ("lora", "lora")):
         torch.testing.assert_close(losses(two_process_runs[run]), losses(references[reference]), rtol=1e-5, atol=0)
         assert_weights_close(final_student(two_process_runs[run]), final_student(references[reference]))
     initial = load_file(tiny_teacher / "unet" / "diffusion_pytorch_model.safetensors")
