@@ -221,6 +221,8 @@ def validate(config: DistillConfig) -> DistillConfig:
         (config.train.convert_steps >= 0, "train.convert_steps must be non-negative."),
         (config.train.grad_accum_steps >= 1,
          f"train.grad_accum_steps must be at least 1, got {config.train.grad_accum_steps}."),
+        (not (config.objective.compile_jvp and config.train.parallel == "fsdp"),
+         "objective.compile_jvp is not supported with train.parallel fsdp yet (untested through FSDP2's hooks)."),
         (config.optim.lr > 0, f"optim.lr must be positive, got {config.optim.lr}."),
         ((config.optim.convert_lr or 1) > 0, "optim.convert_lr must be positive."),
         (config.objective.P_std > 0, f"objective.P_std must be positive, got {config.objective.P_std}."),

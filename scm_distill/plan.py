@@ -19,6 +19,7 @@ a measured CPU peak at toy size.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,18 +50,11 @@ def local_architecture(folder: Path) -> Architecture:
     for path in folder.glob("*/*.safetensors"):
         if path.parent.name != name:
             with safe_open(path, "pt") as file:
-                frozen += sum(_numel(file.get_slice(key).get_shape()) for key in file.keys())
+                frozen += sum(math.prod(file.get_slice(key).get_shape()) for key in file.keys())
     config = json.loads((folder / name / "config.json").read_text())
     vae = folder / "vae" / "config.json"
     downsample = 2 ** (len(json.loads(vae.read_text())["block_out_channels"]) - 1) if vae.is_file() else 1
     return Architecture(index[name][1], config, frozen, downsample)
-
-
-def _numel(shape) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
 
 
 def architecture_of(teacher: str) -> Architecture:
@@ -148,10 +142,10 @@ def saved_activation_bytes(model: nn.Module, inputs: dict, checkpointing: bool) 
         return non_reentrant(module, *args)
 
     model.train().requires_grad_(True)
-    if checkpointing and getattr(model, "_supports_gradient_checkpointing", False):
+    if checkpointing:
         model.enable_gradient_checkpointing(gradient_checkpointing_func=measuring)
     else:
-        model.disable_gradient_checkpointing() if hasattr(model, "disable_gradient_checkpointing") else None
+        model.disable_gradient_checkpointing()
     with FusedAttention(), SavedBytes(params) as outside:
         model(**inputs)
     return outside.bytes + blocks["inputs"] + blocks["largest"]

@@ -1,9 +1,10 @@
 """The distillation run on accelerate: set-up helpers, then one training loop with no math in it.
 
-Works unchanged in one CPU process, on one GPU and under `accelerate launch` (DDP). The JVP runs on the
-unwrapped student (through the DDP wrapper torch.func.jvp breaks on the second step); the gradient pass goes
-through the wrapper. Every step re-seeds its randomness from (seed, rank, step) and draws its batch from a
-pure function of the step, so `--resume latest` continues with exactly the losses of an uninterrupted run.
+Works unchanged in one CPU process, on one GPU and under `accelerate launch` (DDP, or FSDP2 with
+`train.parallel: fsdp`, parallel.py). The JVP runs on the unwrapped student (through the DDP wrapper torch.func.jvp
+breaks on the second step; a sharded student is its own module); the gradient pass goes through the wrapper. Every
+micro-batch re-seeds its randomness from (seed, virtual rank, step) and draws its batch from a pure function of the
+step (accumulation.py), so `--resume latest` continues with exactly the losses of an uninterrupted run.
 """
 
 from __future__ import annotations

@@ -49,9 +49,10 @@ def rank0_error(done: subprocess.CompletedProcess) -> str:
 
 def unet_config(teacher, output, **train) -> dict:
     """The tiny UNet teacher: 1 conversion + 3 sCD steps at batch 4 per process, checkpoints at steps 2 and 4."""
-    settings = {"max_steps": 3, "convert_steps": 1, "batch_size": 4, "sample_every": 0, "checkpoint_every": 2,
+    settings = {"max_steps": 3, "convert_steps": 1, "batch_size": 4, "sample_every": 4, "checkpoint_every": 2,
                 "log_every": 1, "parallel": "fsdp", **train}  # fmt: skip
-    return {"teacher": str(teacher), "output": str(output), "data": {"spec": "digits"}, "train": settings}
+    return {"teacher": str(teacher), "output": str(output), "data": {"spec": "digits"}, "train": settings,
+            "sampling": {"teacher_steps": 2, "grid_size": 2}}  # a grid at the end: sharded models sample collectively
 
 
 def dit_config(teacher, data, output, **train) -> dict:

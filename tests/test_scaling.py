@@ -107,7 +107,7 @@ def numbers(log: str) -> list[tuple[float, float]]:
 # --- bad input --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", ["accum-0", "deepspeed", "fsdp1", "fsdp2-with-ddp"])
+@pytest.mark.parametrize("case", ["accum-0", "compiled-jvp-with-fsdp", "deepspeed", "fsdp1", "fsdp2-with-ddp"])
 def test_bad_settings_and_launchers_are_one_sentence(case, capsys, tiny_teacher, tmp_path, monkeypatch):
     env = {"deepspeed": {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"},
            "fsdp1": {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"},
@@ -115,12 +115,14 @@ def test_bad_settings_and_launchers_are_one_sentence(case, capsys, tiny_teacher,
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     match = {"accum-0": "train.grad_accum_steps must be at least 1, got 0.",
+             "compiled-jvp-with-fsdp": "objective.compile_jvp is not supported with train.parallel fsdp yet",
              "deepspeed": "DeepSpeed launches are not supported: torch.func.jvp does not run through ZeRO-3",
              "fsdp1": "accelerate's FSDP1 is not supported",
              "fsdp2-with-ddp": "the accelerate config asks for FSDP2 but train.parallel is ddp"}[case]  # fmt: skip
-    accum = "0" if case == "accum-0" else "1"
+    sets = {"accum-0": ["train.grad_accum_steps=0"],
+            "compiled-jvp-with-fsdp": ["objective.compile_jvp=true", "train.parallel=fsdp"]}.get(case, [])
     fails(capsys, "distill", "--teacher", str(tiny_teacher), "--data", "digits", "--output", str(tmp_path / "out"),
-          "--set", f"train.grad_accum_steps={accum}", match=match)  # fmt: skip
+          *(arg for item in sets for arg in ("--set", item)), match=match)  # fmt: skip
     assert tree(tmp_path) == []
 
 
