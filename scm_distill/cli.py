@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -17,6 +18,7 @@ DESCRIPTION = """Distill a diffusion pipeline into a two-step consistency model 
   scm-distill evaluate --model DIR --reference SPEC --output DIR        FID/KID/precision/recall vs steps
   scm-distill bench   --model DIR --output DIR                          sampling and training cost
   scm-distill push    DIR --repo-id NAME                                publish an export to the Hub
+  scm-distill plan    --recipe FILE --num-processes N                   per-GPU memory under DDP and FSDP
   scm-distill demo                                                      the whole path on built-in data"""
 
 
@@ -65,6 +67,32 @@ def run_distill(args) -> int:
 
     result = distill(config, resume=args.resume, overwrite=args.overwrite)
     print(f"exported: {result.export_dir}")
+    return 0
+
+
+def add_plan(sub) -> None:
+    p = sub.add_parser("plan", help="per-GPU memory of a run under DDP and FSDP, before launching it",
+                       description="Training state from the denoiser's parameter counts (built on the meta device) "
+                                   "and activations counted on meta tensors at the run's resolution.")  # fmt: skip
+    p.add_argument("--teacher", help="teacher: a recipe's Hub id or a local pipeline folder (default: the recipe's)")
+    p.add_argument("--recipe", help="YAML file of config overrides (see recipes/)")
+    p.add_argument("--batch-size", type=int, help="batch size per process")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override any config field")
+    p.add_argument("--num-processes", type=int, default=int(os.environ.get("WORLD_SIZE", 1)),
+                   help="processes (GPUs) of the run (default: WORLD_SIZE or 1)")  # fmt: skip
+    p.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory of one GPU, GB (default 80)")
+    p.add_argument("--resolution", type=int, help="training resolution in pixels (default: data.resize_to)")
+    p.set_defaults(run=run_plan, output=None, data=None, max_steps=None, seed=None)
+
+
+def run_plan(args) -> int:
+    from .config import resolve
+    from .plan import format_plan, memory_plan
+
+    if args.num_processes < 1 or args.gpu_memory_gb <= 0:
+        raise ValueError("--num-processes must be at least 1 and --gpu-memory-gb positive.")
+    config = resolve(args.recipe, {**cli_overrides(args), "output": "plan"}, args.set)
+    print(format_plan(memory_plan(config, args.num_processes, args.resolution), args.gpu_memory_gb))
     return 0
 
 
@@ -225,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scm-distill", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (add_distill, add_sample, add_evaluate, add_bench, add_push, add_demo):
+    for add in (add_distill, add_sample, add_evaluate, add_bench, add_push, add_demo, add_plan):
         add(sub)
     return parser
 

@@ -56,7 +56,7 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    batch_size: int = 64  # per process
+    batch_size: int = 64  # per process and micro-batch (global batch = batch_size x processes x grad_accum_steps)
     max_steps: int = 2_000  # sCD optimizer steps (after the conversion steps)
     convert_steps: int = 200  # warm-start steps regressing the student's F onto the teacher's (0 to skip)
     seed: int = 0
@@ -69,6 +69,11 @@ class TrainConfig:
     log_every: int = 10  # steps between log.jsonl records
     max_nonfinite_in_a_row: int = 20  # stop the run after this many skipped (non-finite) steps in a row
     num_workers: int = 0  # DataLoader workers
+    # ddp: every process holds the whole training state; fsdp: FSDP2 shards the student, its gradients, optimizer
+    # state and EMA and the teacher per block across the processes (scm_distill/parallel.py)
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    grad_accum_steps: int = 1  # micro-batches per optimizer step; micro-batch m of rank r is virtual rank r*N+m
+    activation_checkpointing: bool = False  # recompute the student's blocks in the gradient pass (never the JVP)
 
 
 @dataclass(frozen=True)
@@ -217,6 +222,10 @@ def validate(config: DistillConfig) -> DistillConfig:
         (config.train.batch_size >= 1, f"train.batch_size must be at least 1, got {config.train.batch_size}."),
         (config.train.max_steps >= 0, f"train.max_steps must be non-negative, got {config.train.max_steps}."),
         (config.train.convert_steps >= 0, "train.convert_steps must be non-negative."),
+        (config.train.grad_accum_steps >= 1,
+         f"train.grad_accum_steps must be at least 1, got {config.train.grad_accum_steps}."),
+        (not (config.objective.compile_jvp and config.train.parallel == "fsdp"),
+         "objective.compile_jvp is not supported with train.parallel fsdp yet (untested through FSDP2's hooks)."),
         (config.optim.lr > 0, f"optim.lr must be positive, got {config.optim.lr}."),
         ((config.optim.convert_lr or 1) > 0, "optim.convert_lr must be positive."),
         (config.objective.P_std > 0, f"objective.P_std must be positive, got {config.objective.P_std}."),

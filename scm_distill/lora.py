@@ -86,15 +86,23 @@ def has_lora(network: nn.Module) -> bool:
 
 @contextmanager
 def without_adapters(network: nn.Module) -> Iterator[None]:
-    """Run a LoRA-carrying network as its base network (the teacher); a no-op for networks without adapters."""
+    """Run a LoRA-carrying network as its base network (the teacher); a no-op for networks without adapters. Only
+    peft's per-layer switch is flipped: `disable_adapters()` would also turn the adapters' requires_grad off and on,
+    which an FSDP2-sharded network then re-applies to its gathered parameters inside the JVP, where torch.func
+    forbids it."""
     if not has_lora(network):
         yield
         return
-    network.disable_adapters()
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [module for module in network.modules() if isinstance(module, BaseTunerLayer)]
+    for layer in layers:
+        layer._disable_adapters = True
     try:
         yield
     finally:
-        network.enable_adapters()
+        for layer in layers:
+            layer._disable_adapters = False
 
 
 def base_call(call: NetworkCall) -> NetworkCall:

@@ -18,7 +18,9 @@ from .config import DistillConfig, to_dict
 # Fields that may change when a run is resumed; any other difference makes the checkpoint a mismatch.
 RESUMABLE_CHANGES = {"output", "train.max_steps", "train.checkpoint_every", "train.keep_checkpoints",
                      "train.sample_every", "train.log_every", "train.num_workers", "export.eval_samples",
-                     "export.base_model_id", "sampling.grid_size", "sampling.teacher_steps"}  # fmt: skip
+                     "export.base_model_id", "sampling.grid_size", "sampling.teacher_steps",
+                     "train.grad_accum_steps", "train.activation_checkpointing"}  # fmt: skip
+# train.grad_accum_steps may change only with the number of processes (processes x steps is checked on resume)
 
 
 def is_run_dir(path: Path) -> bool:

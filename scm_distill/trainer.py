@@ -1,24 +1,27 @@
 """The distillation run on accelerate: set-up helpers, then one training loop with no math in it.
 
-Works unchanged in one CPU process, on one GPU and under `accelerate launch` (DDP). The JVP runs on the
-unwrapped student (through the DDP wrapper torch.func.jvp breaks on the second step); the gradient pass goes
-through the wrapper. Every step re-seeds its randomness from (seed, rank, step) and draws its batch from a
-pure function of the step, so `--resume latest` continues with exactly the losses of an uninterrupted run.
+Works unchanged in one CPU process, on one GPU and under `accelerate launch` (DDP, or FSDP2 with
+`train.parallel: fsdp`, parallel.py). The JVP runs on the unwrapped student (through the DDP wrapper torch.func.jvp
+breaks on the second step; a sharded student is its own module); the gradient pass goes through the wrapper. Every
+micro-batch re-seeds its randomness from (seed, virtual rank, step) and draws its batch from a pure function of the
+step (accumulation.py), so `--resume latest` continues with exactly the losses of an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedDataParallelKwargs
 from tqdm.auto import tqdm
 
+from .accumulation import gradient_sync, grouped, virtual_rank
 from .checkpoint import check_state_dict, checkpoint_name, load_checkpoint, prune_checkpoints, save_checkpoint
 from .config import DistillConfig
 from .data import ImageSet, batch_indices, collate, load_images
@@ -30,7 +33,16 @@ from .generate import sampling_times, teacher_samples
 from .grids import labelled_rows, save_png, to_uint8
 from .objective import FRegressionLoss, SCDLoss
 from .optim import learning_rate, make_optimizer
+from .parallel import (
+    Sharding,
+    check_activation_checkpointing,
+    check_launcher,
+    clip_grad_norm,
+    enable_activation_checkpointing,
+    single_process_note,
+)
 from .run_dir import check_output, start_run_dir
+from .sharded_checkpoint import REPLICATED, SHARDED, check_resume, load_sharded_checkpoint, save_sharded_checkpoint
 from .student import Student, low_pass_time_embedding
 
 
@@ -44,18 +56,22 @@ def step_seed(seed: int, rank: int, step: int) -> int:
 
 
 class StepBatches:
-    """Batch sampler: the indices of steps start..total-1 of one rank, computed lazily from the step number."""
+    """Batch sampler: the indices of the `accum` micro-batches of steps start..total-1 of one rank, computed lazily
+    from the step number (micro-batch m of rank r is virtual rank r * accum + m; accumulation.py)."""
 
-    def __init__(self, num_items: int, start: int, total: int, batch_size: int, seed: int, rank: int, world: int):
-        self.num_items, self.start, self.total = num_items, start, total
+    def __init__(self, num_items: int, start: int, total: int, batch_size: int, seed: int, rank: int, world: int,
+                 accum: int = 1):  # fmt: skip
+        self.num_items, self.start, self.total, self.accum = num_items, start, total, accum
         self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
 
     def __len__(self) -> int:
-        return self.total - self.start
+        return (self.total - self.start) * self.accum
 
     def __iter__(self):
         for step in range(self.start, self.total):
-            yield batch_indices(step, self.batch_size, self.num_items, self.seed, self.rank, self.world).tolist()
+            for micro in range(self.accum):
+                yield batch_indices(step, self.batch_size, self.num_items, self.seed,
+                                    virtual_rank(self.rank, micro, self.accum), self.world * self.accum).tolist()
 
 
 @dataclass
@@ -114,7 +130,8 @@ class SampleGrids:
     def _generator(self) -> torch.Generator:
         return torch.Generator(self.device).manual_seed(self.config.train.seed)
 
-    def write(self, student: Student, path: Path) -> Path:
+    def write(self, student: Student, path: Path, save: bool = True) -> Path:
+        """Sample and save the grid; with sharded models every process samples (collective), one saves."""
         steps_teacher = self.config.sampling.teacher_steps
         if self.teacher_row is None:
             x0 = teacher_samples(self.teacher.model, (self.n, *self.teacher.sample_shape), steps_teacher,
@@ -125,7 +142,7 @@ class SampleGrids:
         for steps in (2, 1):
             rows[f"student (EMA), {steps} step{'s' * (steps > 1)}"] = self.teacher.student_images(
                 student.network, info, self.inputs, steps, self._generator())
-        return save_png(labelled_rows(rows, columns=self.n), path)
+        return save_png(labelled_rows(rows, columns=self.n), path) if save else path
 
 
 def sampler_info(config: DistillConfig, student: Student, **facts) -> ExportInfo:
@@ -148,57 +165,84 @@ class DistillResult:
 def distill(config: DistillConfig, resume: str | None = None, overwrite: bool = False,
             teacher: Teacher | None = None) -> DistillResult:  # fmt: skip
     """Run sCD for `config` and export the EMA student to OUTPUT/pipeline. See the module docstring."""
+    check_launcher(os.environ, config.train.parallel)
     # cpu=True without CUDA: under torchrun that is accelerate's multi-CPU (gloo) mode, not N independent runs
-    accelerator = Accelerator(mixed_precision=config.train.mixed_precision, cpu=not torch.cuda.is_available())
+    # find_unused_parameters: the conversion loss does not use the logvar head (DDP fails at step 2 otherwise)
+    accelerator = Accelerator(mixed_precision=config.train.mixed_precision, cpu=not torch.cuda.is_available(),
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     teacher, data = setup(config, accelerator, teacher)
+    train = config.train
+    if train.activation_checkpointing:
+        check_activation_checkpointing(teacher.model.network)
     checkpoint = check_output(config, resume, overwrite)
+    layout = SHARDED if train.parallel == "fsdp" else REPLICATED
+    if checkpoint:
+        check_resume(checkpoint, layout, world * train.grad_accum_steps, world)
+    note = single_process_note(train.parallel, world)
+    if note and main:
+        print(note, file=sys.stderr)
     accelerator.wait_for_everyone()
     run_dir = start_run_dir(config, checkpoint is not None, overwrite) if main else Path(config.output)
     accelerator.wait_for_everyone()
 
     student = make_student(config, teacher).to(accelerator.device)
     ema = EMA(student)
+    if train.activation_checkpointing:
+        enable_activation_checkpointing(student.network)  # after the EMA copy: only the trained student recomputes
+    sharding = Sharding(accelerator.device, world, train.mixed_precision) if layout == SHARDED and world > 1 else None
+    if sharding:
+        sharding.shard(student, ema.module, teacher.model.network)
     optimizer = make_optimizer([p for p in student.parameters() if p.requires_grad], config.optim)
-    state = restore(checkpoint, student, ema, optimizer) if checkpoint else RunState()
+    if checkpoint and layout == SHARDED:
+        state = RunState(**{k: v for k, v in load_sharded_checkpoint(checkpoint, student, ema, optimizer).items()
+                            if k in RunState.__dataclass_fields__})  # fmt: skip
+    else:
+        state = restore(checkpoint, student, ema, optimizer) if checkpoint else RunState()
     if main:
         truncate_log(run_dir / "log.jsonl", state.step)
-    student_ddp, optimizer = accelerator.prepare(student, optimizer)
+    student_ddp, optimizer = (student, optimizer) if layout == SHARDED else accelerator.prepare(student, optimizer)
 
-    train = config.train
     convert_steps = train.convert_steps if student.model.prediction != teacher.model.prediction else 0
     total = convert_steps + train.max_steps
     losses = {"convert": FRegressionLoss(teacher.model, config.objective),
               "scd": SCDLoss(teacher.model, config.objective)}  # fmt: skip
-    grids = SampleGrids(config, teacher, accelerator.device) if main and train.sample_every > 0 else None
+    sample_here = main or sharding is not None  # sharded models sample on every process
+    grids = SampleGrids(config, teacher, accelerator.device) if sample_here and train.sample_every > 0 else None
     log = open(run_dir / "log.jsonl", "a") if main else None  # noqa: SIM115 - closed at the end of the loop
-    order = StepBatches(len(data), state.step, total, train.batch_size, train.seed, rank, world)
+    accum = train.grad_accum_steps
+    order = StepBatches(len(data), state.step, total, train.batch_size, train.seed, rank, world, accum)
     loader = torch.utils.data.DataLoader(data, batch_sampler=order, collate_fn=collate, num_workers=train.num_workers)
     bar = tqdm(total=total, initial=state.step, disable=not main, desc="distill", dynamic_ncols=True,
                mininterval=1 if sys.stderr.isatty() else 30)  # a log file gets a line every 30 s, not every step
     shown_loss, started = math.nan, time.time() - state.train_seconds
 
-    for batch in loader:
+    for batches in grouped(loader, accum):
         step = state.step
         phase = "convert" if step < convert_steps else "scd"
         if step == convert_steps > 0:
             ema.reset(student)  # the conversion is a warm start: the EMA averages sCD weights only
         lr = learning_rate(step - convert_steps, config.optim, converting=phase == "convert")
-        generator = torch.Generator().manual_seed(step_seed(train.seed, rank, step))
-        x0, condition = teacher.prepare_batch(batch, generator)
-        with accelerator.autocast():
-            loss, _ = losses[phase](student, student_ddp, x0, condition, step - convert_steps, generator)
-        loss = loss.mean()
-        accelerator.backward(loss)
-        grad_norm = accelerator.clip_grad_norm_(student_ddp.parameters(), train_clip(config))
-        loss_value = accelerator.reduce(loss.detach(), "mean").item()
+        micro_losses = []
+        for micro, batch in enumerate(batches):
+            generator = torch.Generator().manual_seed(step_seed(train.seed, virtual_rank(rank, micro, accum), step))
+            x0, condition = teacher.prepare_batch(batch, generator)
+            with gradient_sync(student_ddp, last_micro_batch=micro == accum - 1):
+                with accelerator.autocast():
+                    loss, _ = losses[phase](student, student_ddp, x0, condition, step - convert_steps, generator)
+                loss = loss.mean()
+                accelerator.backward(loss / accum)
+            micro_losses.append(loss.detach())
+        loss = torch.stack(micro_losses).mean()  # a non-finite micro-batch makes the step's loss non-finite
+        grad_norm = clip_grad_norm(student_ddp.parameters(), train_clip(config))  # global: the same on every rank
+        loss_value = accelerator.reduce(loss, "mean").item()
         finite = math.isfinite(loss_value) and math.isfinite(float(grad_norm))
         if finite:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             optimizer.step()
-            state.samples_seen += train.batch_size * world
-            global_batch = train.batch_size * world
+            global_batch = train.batch_size * world * accum
+            state.samples_seen += global_batch
             ramp = state.samples_seen - (convert_steps * global_batch if phase == "scd" else 0)  # sCD samples
             ema.update(student, ema_beta(global_batch, ramp, train.ema_halflife_kimg, train.ema_rampup_ratio))
             state.skipped_in_a_row = 0
@@ -222,11 +266,15 @@ def distill(config: DistillConfig, resume: str | None = None, overwrite: bool = 
             log.write(json.dumps(record) + "\n")
             log.flush()
         if grids and (state.step % train.sample_every == 0 or state.step == total):
-            grids.write(ema.module, run_dir / "samples" / f"{checkpoint_name(state.step)}.png")
+            grids.write(ema.module, run_dir / "samples" / f"{checkpoint_name(state.step)}.png", save=main)
         if (train.checkpoint_every and state.step % train.checkpoint_every == 0) or state.step == total:
+            folder = run_dir / "checkpoints" / checkpoint_name(state.step)
+            facts = {**vars(state), "layout": layout, "virtual_ranks": world * accum}  # read by check_resume
+            if layout == SHARDED:
+                save_sharded_checkpoint(folder, student, ema, optimizer, facts, main)
+            elif main:
+                save_checkpoint(folder, student.state_dict(), ema.state_dict(), optimizer.state_dict(), facts)
             if main:
-                save_checkpoint(run_dir / "checkpoints" / checkpoint_name(state.step), student.state_dict(),
-                                ema.state_dict(), optimizer.state_dict(), vars(state))  # fmt: skip
                 prune_checkpoints(run_dir, train.keep_checkpoints)
             accelerator.wait_for_everyone()
     bar.close()
@@ -234,10 +282,11 @@ def distill(config: DistillConfig, resume: str | None = None, overwrite: bool = 
         log.close()
 
     export_dir = run_dir / "pipeline"
+    exported = sharding.full(ema.module, main) if sharding else ema.module  # sharded: gathered to the main CPU
     if main:
-        export_student(config, teacher, ema.module, export_dir, run_dir, state)
+        export_student(config, teacher, exported, export_dir, run_dir, state)
     accelerator.wait_for_everyone()
-    return DistillResult(run_dir, export_dir, student, ema.module, state)
+    return DistillResult(run_dir, export_dir, student, exported if main else ema.module, state)
 
 
 def truncate_log(path: Path, step: int) -> None:
