@@ -87,25 +87,25 @@ def test_stock_flow_export_renoises_from_the_seeded_global_generator(flux):
 
 def test_class_export_labels_come_from_the_seed(dit):
     _, export = dit
-    pipe = load_export(export)
+    pipe = load_export(export, trust_remote_code=True)
     classes = pipe.transformer.config.num_embeds_ada_norm
     labels = torch.randint(0, classes, (2,), generator=torch.Generator().manual_seed(3)).tolist()
     expected = pipe(class_labels=labels, generator=torch.Generator().manual_seed(3), output_type="pt").images
-    assert torch.equal(PipelineSampler(export)(2, 2, seed=3), as_uint8(expected))
-    assert not torch.equal(PipelineSampler(export)(2, 2, seed=4), as_uint8(expected))
+    assert torch.equal(PipelineSampler(export, trust_remote_code=True)(2, 2, seed=3), as_uint8(expected))
+    assert not torch.equal(PipelineSampler(export, trust_remote_code=True)(2, 2, seed=4), as_uint8(expected))
 
 
 def test_unconditional_export_is_the_batch_call(tiny_run):
-    pipe = load_export(tiny_run.export_dir)
+    pipe = load_export(tiny_run.export_dir, trust_remote_code=True)
     expected = pipe(batch_size=3, generator=torch.Generator().manual_seed(5), output_type="pt").images
-    assert torch.equal(PipelineSampler(tiny_run.export_dir)(3, 2, seed=5), as_uint8(expected))
+    assert torch.equal(PipelineSampler(tiny_run.export_dir, trust_remote_code=True)(3, 2, seed=5), as_uint8(expected))
 
 
 def test_prompt_errors_are_one_sentence(sd, tiny_run, tmp_path):
     with pytest.raises(ValueError, match="is a text-to-image pipeline; give prompts"):
         PipelineSampler(sd[1])
     with pytest.raises(ValueError, match="is a unconditional pipeline and takes no prompts"):
-        PipelineSampler(tiny_run.export_dir, PROMPTS)
+        PipelineSampler(tiny_run.export_dir, PROMPTS, trust_remote_code=True)
     with pytest.raises(ValueError, match="does not exist"):
         read_prompts(tmp_path / "missing.txt")
     (tmp_path / "empty.txt").write_text("\n  \n")
@@ -146,7 +146,8 @@ def test_teacher_guidance_scale_rules(sd, tiny_teacher, tiny_run):
     assert teacher_guidance(teacher, distilled, three) == 3.0 == teacher.default_scale
     with pytest.raises(ValueError, match="must be at least 1"):
         teacher_guidance(teacher, distilled, EvalSettings(teacher_guidance_scale=0.5))
-    plain, unguided = load_teacher(str(tiny_teacher)), PipelineSampler(tiny_run.export_dir).guidance_scale
+    plain = load_teacher(str(tiny_teacher))
+    unguided = PipelineSampler(tiny_run.export_dir, trust_remote_code=True).guidance_scale
     assert teacher_guidance(plain, unguided, EvalSettings()) is None
     with pytest.raises(ValueError, match="samples without guidance"):
         teacher_guidance(plain, unguided, EvalSettings(teacher_guidance_scale=2.0))

@@ -59,9 +59,10 @@ class PipelineSampler:
     """
 
     def __init__(self, folder: str | Path, prompts: tuple[str, ...] | None = None,
-                 device: torch.device | None = None, default_prompt: str | None = None):  # fmt: skip
+                 device: torch.device | None = None, default_prompt: str | None = None,
+                 trust_remote_code: bool = False):  # fmt: skip
         self.folder = Path(folder)
-        self.pipe = load_export(self.folder)
+        self.pipe = load_export(self.folder, trust_remote_code=trust_remote_code)
         if device is not None:
             self.pipe = self.pipe.to(device)
         self.pipe.set_progress_bar_config(disable=True)
