@@ -73,6 +73,11 @@ class Teacher(ABC):
         if config.lora.rank:
             raise ValueError(f"LoRA distillation is not supported for {self.family} teachers; set lora.rank 0.")
 
+    def check_student(self, prediction: Prediction) -> None:
+        """Called with the student's prediction before anything is written: raise a one-sentence error when this
+        family cannot export such a student (default: every prediction exports)."""
+        return None
+
     def prepare(self, images: Any) -> None:
         """Called once with the training data before training (checks it; families may also measure sigma_d
         or build caches here)."""

@@ -17,6 +17,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from torch import Tensor
 
 from ..data import check_compatible
+from ..errors import UserError
 from ..export.card import write_model_card
 from ..parameterization import Condition, NativeModel, freeze, unet2d_call
 from .base import ExportInfo, Teacher, component_class
@@ -80,6 +81,13 @@ class UNet2DTeacher(Teacher):
             return {}
         labels = torch.randint(0, self.num_classes, (batch_size,), generator=generator)
         return {"class_labels": labels.to(self.unet.device)}
+
+    def check_student(self, prediction) -> None:
+        if self.num_classes is not None:
+            raise UserError("export of class-conditional UNet2DModel students is not supported yet.")
+        if prediction != "v_prediction":
+            raise UserError(f"the UNet2DModel export needs a v-prediction student, not {prediction}; set "
+                            f"student.prediction to auto or v_prediction.")  # fmt: skip
 
     def export(self, network: torch.nn.Module, folder: Path, info: ExportInfo) -> None:
         if self.num_classes is not None:
