@@ -111,9 +111,9 @@ def check_png_output(path: Path) -> None:
     """`sample --output` names a new or existing .png file whose folder can be written."""
     from .files import check_writable_file
 
+    check_writable_file(path, "--output")
     if path.suffix.lower() != ".png":
         raise UserError(f"--output '{path}' must name a .png file.")
-    check_writable_file(path, "--output")
 
 
 def prompts_from(args) -> tuple[str, ...] | None:
@@ -265,14 +265,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(error: BaseException) -> str:
+    """The error's sentence on one line (a value quoted from the user's input may hold line breaks)."""
+    return str(error).replace("\r", "\\r").replace("\n", "\\n")
+
+
 def report_error(command: str, error: BaseException) -> int:
     """One line for the user's errors and Ctrl-C; the traceback for anything else (a bug in the toolkit)."""
     if isinstance(error, Interrupted | KeyboardInterrupt):
-        message = str(error) if isinstance(error, Interrupted) else "interrupted."
+        message = one_line(error) if isinstance(error, Interrupted) else "interrupted."
         print(f"scm-distill {command}: {message}", file=sys.stderr)
         return EXIT_INTERRUPTED
     if isinstance(error, UserError):
-        print(f"scm-distill {command}: error: {error}", file=sys.stderr)
+        print(f"scm-distill {command}: error: {one_line(error)}", file=sys.stderr)
         return EXIT_USER_ERROR
     traceback.print_exception(error)
     print(f"scm-distill {command}: internal error ({type(error).__name__}): this is a bug in scm-distill; "

@@ -248,6 +248,10 @@ def at_least(value: int | float | None, low: int | float) -> bool:
     return value is None or value >= low
 
 
+def positive_or_none(value: int | float | None) -> bool:
+    return value is None or value > 0
+
+
 def range_checks(c: DistillConfig) -> list[tuple[bool, str]]:
     """(ok, one-sentence message) for every field whose range is limited; types and finiteness are checked before."""
     o, t, s, g, d = c.optim, c.train, c.sampling, c.guidance, c.data
@@ -268,22 +272,23 @@ def range_checks(c: DistillConfig) -> list[tuple[bool, str]]:
         (0 <= c.student.dropout < 1, f"student.dropout must be in [0, 1), got {c.student.dropout}."),
         (c.student.logvar_channels >= 2 and c.student.logvar_channels % 2 == 0,
          f"student.logvar_channels must be an even number of at least 2, got {c.student.logvar_channels}."),
-        ((c.student.time_embedding_max_frequency or 1) > 0, "student.time_embedding_max_frequency must be positive."),
+        (positive_or_none(c.student.time_embedding_max_frequency),
+         "student.time_embedding_max_frequency must be positive."),
         (o.lr > 0, f"optim.lr must be positive, got {o.lr}."),
-        ((o.convert_lr or 1) > 0, "optim.convert_lr must be positive."),
+        (positive_or_none(o.convert_lr), "optim.convert_lr must be positive."),
         (all(0 <= b < 1 for b in o.betas), f"optim.betas must lie in [0, 1), got {list(o.betas)}."),
         (o.eps > 0, f"optim.eps must be positive, got {o.eps}."),
         (o.weight_decay >= 0, f"optim.weight_decay must be non-negative, got {o.weight_decay}."),
         (o.warmup_steps >= 0, "optim.warmup_steps must be non-negative."),
         (o.decay_ref_steps >= 1, "optim.decay_ref_steps must be at least 1."),
-        ((o.grad_clip or 1) > 0, f"optim.grad_clip must be positive (null: no clipping), got {o.grad_clip}."),
+        (positive_or_none(o.grad_clip), f"optim.grad_clip must be positive (null: no clipping), got {o.grad_clip}."),
         (t.batch_size >= 1, f"train.batch_size must be at least 1, got {t.batch_size}."),
         (t.max_steps >= 1, f"train.max_steps must be at least 1 (0 would export the untrained student), got "
                            f"{t.max_steps}."),
         (t.convert_steps >= 0, "train.convert_steps must be non-negative."),
         (0 <= t.seed < SEED_LIMIT, f"train.seed must be in [0, 2**32), got {t.seed}."),
         (t.ema_halflife_kimg > 0, "train.ema_halflife_kimg must be positive."),
-        ((t.ema_rampup_ratio or 1) > 0, "train.ema_rampup_ratio must be positive (null: no ramp-up)."),
+        (positive_or_none(t.ema_rampup_ratio), "train.ema_rampup_ratio must be positive (null: no ramp-up)."),
         (t.checkpoint_every >= 0, "train.checkpoint_every must be non-negative (0: only the final checkpoint)."),
         (t.keep_checkpoints >= 1, "train.keep_checkpoints must be at least 1."),
         (t.sample_every >= 0, "train.sample_every must be non-negative (0: no sample grids)."),
@@ -304,7 +309,7 @@ def range_checks(c: DistillConfig) -> list[tuple[bool, str]]:
         (c.lora.rank >= 0, f"lora.rank must be a positive integer (0: no LoRA), got {c.lora.rank}."),
         (c.lora.rank == 0 or c.student.dropout == 0, "LoRA students share the teacher's network and need "
                                                      "student.dropout 0."),
-        ((c.lora.alpha or 1) > 0, "lora.alpha must be positive."),
+        (positive_or_none(c.lora.alpha), "lora.alpha must be positive."),
     ]  # fmt: skip
 
 

@@ -33,6 +33,13 @@ def check_weights(modules: dict[str, torch.nn.Module], step: int) -> None:
                                  f"{LOWER_LR_HINT}.")  # fmt: skip
 
 
+def check_initial_weights(student: torch.nn.Module) -> None:
+    """Before anything is written: a student copied from non-finite teacher weights cannot train."""
+    if not math.isfinite(largest_magnitude(student)):
+        raise NonFiniteError("the student's initial weights are not finite (they are copied from the teacher, whose "
+                             "weights hold NaN or infinite values); check the teacher's weight files.")  # fmt: skip
+
+
 def check_samples(samples: torch.Tensor, step: int) -> None:
     if not torch.isfinite(samples).all():
         raise NonFiniteError(f"the EMA student's 2-step samples are not finite after step {step}, so nothing is "

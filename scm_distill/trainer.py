@@ -39,7 +39,7 @@ from .export.pipeline import export_pipeline
 from .families import ExportInfo, Teacher, load_teacher
 from .files import write_atomic
 from .fingerprint import check_fingerprint, resumable_changes, resumable_config, run_fingerprint
-from .finite import check_samples, check_weights
+from .finite import check_initial_weights, check_samples, check_weights
 from .generate import sampling_times, teacher_samples
 from .grids import labelled_rows, save_png, to_uint8
 from .objective import FRegressionLoss, SCDLoss
@@ -190,6 +190,7 @@ def distill(config: DistillConfig, resume: str | None = None, overwrite: bool = 
     teacher, data = setup(config, accelerator, teacher, trust_remote_code)
     student = make_student(config, teacher).to(accelerator.device)
     teacher.check_student(student.model.prediction)
+    check_initial_weights(student)
     ema = EMA(student)
     optimizer = make_optimizer([p for p in student.parameters() if p.requires_grad], config.optim)
     fingerprint = run_fingerprint(config, teacher, student)

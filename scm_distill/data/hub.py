@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import os
 import socket
+from contextlib import contextmanager
 from itertools import islice
 from urllib.parse import urlparse
 
@@ -156,6 +157,20 @@ class LazyImageSet(ImageSet):
         return self.table[index][self.caption_column] or ""
 
 
+# `datasets` without its progress bars on stderr (our errors are one line there); the setting is restored after.
+@contextmanager
+def quiet_datasets():
+    from datasets.utils import logging as datasets_logging
+
+    shown = datasets_logging.is_progress_bar_enabled()
+    datasets_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            datasets_logging.enable_progress_bar()
+
+
 # Keep an evenly strided subset of at most max_items rows.
 def take(table, max_items: int | None):
     if max_items is None or max_items >= len(table):
@@ -171,7 +186,8 @@ def load_folder(
 
     what = f"folder '{path}'"
     try:
-        table = datasets.load_dataset("imagefolder", data_dir=path, split=split)
+        with quiet_datasets():
+            table = datasets.load_dataset("imagefolder", data_dir=path, split=split)
     except ValueError as err:
         raise UserError(f"cannot read {what} as split {split!r}: {err}") from None
     return LazyImageSet(take(table, max_items), name=name, split=split, transform=transform, what=what)
@@ -209,7 +225,8 @@ def load_hub(spec: str, *, split: str, transform: Transform, max_items: int | No
             raise UserError(f"{what} needs the Hugging Face Hub, which cannot be reached ({unreachable}); a copy "
                             "cached earlier loads with HF_HUB_OFFLINE=1")  # fmt: skip
     try:
-        table = datasets.load_dataset(dataset, config, split=split)
+        with quiet_datasets():
+            table = datasets.load_dataset(dataset, config, split=split)
     except (ConnectionError, FileNotFoundError) as err:
         reason = " ".join(str(err).split())[:200]
         raise UserError(f"{what} could not be loaded ({reason}); a copy cached earlier loads with "
