@@ -3,8 +3,8 @@
 `refuses` runs `scm_distill.cli.main(argv)`, asserts exit status 1, one error line on stderr (progress-bar lines
 of a run that failed mid-way are not errors and are ignored) containing `match`, no traceback, the paths in
 `absent` not created and the folders in `untouched` byte-for-byte unchanged. With SCM_BAD_INPUT_LOG=FILE set,
-every call appends one JSON line {"argv", "one_sentence", "nothing_written"} to FILE, so the bad inputs the tests
-try can be counted (tests/count_bad_inputs.py sums them).
+every call appends one JSON line {"argv", "one_sentence", "nothing_written"} to FILE (the fuzz test logs the
+examples it finds refused too), so the bad inputs the tests try can be counted.
 """
 
 from __future__ import annotations
