@@ -229,6 +229,7 @@ def load_hub(spec: str, *, split: str, transform: Transform, max_items: int | No
             table = datasets.load_dataset(dataset, config, split=split)
     except (ConnectionError, FileNotFoundError) as err:
         reason = " ".join(str(err).split())[:200]
-        raise UserError(f"{what} could not be loaded ({reason}); a copy cached earlier loads with "
+        why = "the Hugging Face Hub cannot be reached" if isinstance(err, ConnectionError) else "it was not found"
+        raise UserError(f"{what} could not be loaded because {why} ({reason}); a copy cached earlier loads with "
                         "HF_HUB_OFFLINE=1") from None  # fmt: skip
     return LazyImageSet(take(table, max_items), name=spec, split=split, transform=transform, what=what)
