@@ -105,8 +105,9 @@ def module_fingerprint(state: dict[str, torch.Tensor], with_content: bool) -> st
 
 
 def teacher_fingerprint(teacher) -> str:
+    """A pipeline teacher by its folder; a teacher built in Python (family "module") by its network."""
     folder = getattr(teacher, "folder", None)
-    if folder is not None and (Path(folder) / "model_index.json").is_file():
+    if teacher.family != "module" and folder is not None and (Path(folder) / "model_index.json").is_file():
         return folder_fingerprint(Path(folder))
     return module_fingerprint(teacher.model.network.state_dict(), with_content=True)
 

@@ -71,7 +71,8 @@ def test_resume_refuses_another_runs_checkpoint_and_names_the_field(capsys, tiny
     assert main(run_args(tiny_teacher, tmp_path / "b", 1, "--set", "objective.P_mean=-0.5")) == 0
     theirs = list_checkpoints(tmp_path / "a")[-1]
     refuses(capsys, run_args(tiny_teacher, tmp_path / "b", 2, "--set", "objective.P_mean=-0.5", "--resume", theirs),
-            "was made with a different config (objective.P_mean: -1.0 there, -0.5 now)", untouched=[tmp_path])  # fmt: skip
+            "was made with a different config (objective.P_mean: -1.0 there, -0.5 now)",
+            untouched=[tmp_path])  # fmt: skip
     other_teacher = tmp_path / "other-teacher"
     shutil.copytree(tiny_teacher, other_teacher)
     config = other_teacher / "scheduler" / "scheduler_config.json"
@@ -252,3 +253,23 @@ def test_stale_temporaries_of_killed_runs_are_removed_and_nothing_else(tiny_teac
     assert main(run_args(tiny_teacher, out, 2, "--resume", "latest")) == 0
     assert not any(folder.exists() for folder in stale)
     assert (out / ".my-notes").is_dir() and (out / "draft.tmp-notes").is_file() and ".my-notes" in tree(out)
+
+
+def test_teacher_fingerprints_see_configs_weight_headers_and_module_content(tmp_path):
+    from scm_distill.fingerprint import folder_fingerprint, module_fingerprint
+
+    teacher = save_tiny_pipeline(tmp_path / "teacher")
+    original = folder_fingerprint(teacher)
+    (teacher / "README.md").write_text("docs are not identity")
+    assert folder_fingerprint(teacher) == original
+    scheduler = teacher / "scheduler" / "scheduler_config.json"
+    scheduler.write_text(json.dumps({**json.loads(scheduler.read_text()), "beta_end": 0.03}))
+    changed_config = folder_fingerprint(teacher)
+    weights = teacher / "unet" / "diffusion_pytorch_model.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({k: v[:1] for k, v in load_file(weights).items()}, weights)  # other shapes: another header
+    assert len({original, changed_config, folder_fingerprint(teacher)}) == 3
+    state = {"w": torch.zeros(3)}
+    assert module_fingerprint(state, True) != module_fingerprint({"w": torch.ones(3)}, True)
+    assert module_fingerprint(state, False) == module_fingerprint({"w": torch.ones(3)}, False)  # names, shapes
