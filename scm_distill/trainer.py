@@ -92,11 +92,11 @@ def setup(config: DistillConfig, accelerator: Accelerator, teacher: Teacher | No
     teacher.configure(config)
     data = load_images(config.data.spec, split=config.data.split, resize_to=config.data.resize_to,
                        pad_to=config.data.pad_to, max_items=config.data.max_items)  # fmt: skip
+    teacher.prepare(data)  # checks that the data fits the teacher first (a small data set is cheap to prepare)
     global_batch = config.train.batch_size * accelerator.num_processes
     if len(data) < global_batch:
         raise UserError(f"data '{data.name}' has {len(data)} images, fewer than one batch of {global_batch} "
                         f"(train.batch_size x {accelerator.num_processes} processes); lower --batch-size.")  # fmt: skip
-    teacher.prepare(data)
     return teacher, data
 
 
