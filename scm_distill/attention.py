@@ -32,6 +32,8 @@ from torch.autograd.forward_ad import unpack_dual
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
+from .errors import UserError
+
 AttentionMode = Literal["auto", "fused", "math"]
 ATTENTION_MODES: tuple[str, ...] = ("auto", "fused", "math")
 
@@ -174,7 +176,7 @@ def jvp_attention(mode: AttentionMode = "auto") -> Iterator[None]:
             Triton is importable, else "math"). See the module docstring for the exact routing.
     """
     if mode not in ATTENTION_MODES:
-        raise ValueError(f"attention mode must be one of {ATTENTION_MODES}; got {mode!r}.")
+        raise UserError(f"attention mode must be one of {ATTENTION_MODES}; got {mode!r}.")
     kernels = None if mode == "math" else _kernels()
     if mode == "fused" and kernels is None:
         raise RuntimeError('jvp_attention("fused") needs triton; install it or use mode="auto" / "math".')

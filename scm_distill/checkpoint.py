@@ -1,7 +1,9 @@
-"""Checkpoints as safetensors + JSON (never pickles), written to a temporary folder and renamed.
+"""Checkpoints as safetensors + JSON (never pickles), written to a temporary folder, fsynced and renamed.
 
 Layout of `checkpoints/step-000400/`: `student.safetensors` (network + logvar head), `ema.safetensors`,
-`optimizer.safetensors` (per-parameter state tensors) and `state.json` (step, counters, optimizer scalars).
+`optimizer.safetensors` (per-parameter state tensors) and `state.json` (step, counters, optimizer scalars, the
+run's fingerprint). Old checkpoints are pruned by renaming them to a hidden trash name first; resuming `latest`
+falls back to the next older checkpoint when the newest cannot be read.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -17,26 +19,37 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .errors import UserError
+from .files import fsync_path, fsync_tree, remove_tree, temporary_sibling
+
 FORMAT_VERSION = 1
+
+
+class CorruptCheckpointError(UserError):
+    """A checkpoint folder whose files are missing, truncated or unreadable."""
 
 
 @contextmanager
 def atomic_directory(final: Path, overwrite: bool = False):
-    """Yield a temporary sibling folder; on success it replaces `final` in one rename, on error it is removed."""
+    """Yield a temporary sibling folder; on success its files and itself are fsynced and it replaces `final` in one
+    rename (then the parent folder is fsynced); on error it is removed."""
     final = Path(final)
-    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = temporary_sibling(final)
     tmp.mkdir(parents=True)
     try:
         yield tmp
+        fsync_tree(tmp)
         if final.exists():
             if not overwrite:
-                raise FileExistsError(f"'{final}' already exists.")
-            old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+                raise UserError(f"'{final}' already exists.")
+            old = temporary_sibling(final, "old")
             os.replace(final, old)
             os.replace(tmp, final)
+            fsync_path(final.parent)
             shutil.rmtree(old)
         else:
             os.replace(tmp, final)
+            fsync_path(final.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -72,7 +85,7 @@ def save_checkpoint(directory: Path, student: dict, ema: dict, optimizer: dict, 
         save_file({k: v.detach().cpu().contiguous() for k, v in ema.items()}, tmp / "ema.safetensors")
         save_file(opt_tensors, tmp / "optimizer.safetensors")
         payload = {"format_version": FORMAT_VERSION, "optimizer": opt_scalars, **state}
-        (tmp / "state.json").write_text(json.dumps(payload, indent=1))
+        (tmp / "state.json").write_text(json.dumps(payload, indent=1, allow_nan=False))
     return directory
 
 
@@ -84,12 +97,35 @@ def load_checkpoint(directory: Path) -> tuple[dict, dict, dict, dict]:
         student = load_file(directory / "student.safetensors")
         ema = load_file(directory / "ema.safetensors")
         opt_tensors = load_file(directory / "optimizer.safetensors")
-    except (OSError, json.JSONDecodeError, SafetensorError) as error:
-        raise ValueError(f"checkpoint '{directory}' is missing or corrupted ({error.__class__.__name__}).") from None
-    if state.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"checkpoint '{directory}' has an unknown format version.")
-    optimizer = optimizer_from_flat(opt_tensors, state.pop("optimizer"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, SafetensorError) as error:
+        raise CorruptCheckpointError(f"checkpoint '{directory}' is missing or corrupted "
+                                     f"({error.__class__.__name__}).") from None  # fmt: skip
+    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
+        raise CorruptCheckpointError(f"checkpoint '{directory}' has an unknown format version.")
+    try:
+        optimizer = optimizer_from_flat(opt_tensors, state.pop("optimizer"))
+    except (KeyError, ValueError, TypeError, AttributeError):
+        raise CorruptCheckpointError(f"checkpoint '{directory}' has a damaged optimizer state.") from None
     return student, ema, optimizer, state
+
+
+def load_newest_checkpoint(run_dir: Path) -> tuple[Path, tuple[dict, dict, dict, dict]]:
+    """The newest checkpoint of a run that reads back, with its contents; a damaged newer one is skipped with a
+    warning (it is left on disk; the next checkpoint the run writes prunes it)."""
+    checkpoints = list_checkpoints(run_dir)
+    if not checkpoints:
+        raise UserError(f"there is no checkpoint to resume in '{run_dir}'.")
+    problems = []
+    for path in reversed(checkpoints):
+        try:
+            contents = load_checkpoint(path)
+        except CorruptCheckpointError as error:
+            problems.append(str(error))
+            continue
+        for problem in problems:
+            warnings.warn(f"{problem} Resuming from the older '{path.name}' instead.", stacklevel=2)
+        return path, contents
+    raise UserError(f"{problems[0]} No older checkpoint of '{run_dir}' reads back either.")
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -102,8 +138,9 @@ def checkpoint_name(step: int) -> str:
 
 
 def prune_checkpoints(run_dir: Path, keep: int) -> None:
+    """Delete all but the `keep` newest checkpoints, each renamed to a hidden trash name first."""
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old)
+        remove_tree(old)
 
 
 def check_state_dict(loaded: dict, expected: dict, what: str) -> None:
@@ -111,9 +148,9 @@ def check_state_dict(loaded: dict, expected: dict, what: str) -> None:
     missing, unexpected = expected.keys() - loaded.keys(), loaded.keys() - expected.keys()
     if missing or unexpected:
         names = sorted(missing | unexpected)[:3]
-        raise ValueError(f"{what} does not match the model: {len(missing)} missing and {len(unexpected)} "
+        raise UserError(f"{what} does not match the model: {len(missing)} missing and {len(unexpected)} "
                          f"unexpected tensors (e.g. {names}).")  # fmt: skip
     for key, value in expected.items():
         if loaded[key].shape != value.shape:
-            raise ValueError(f"{what} does not match the model: '{key}' has shape {tuple(loaded[key].shape)}, "
+            raise UserError(f"{what} does not match the model: '{key}' has shape {tuple(loaded[key].shape)}, "
                              f"expected {tuple(value.shape)}.")  # fmt: skip

@@ -9,7 +9,10 @@ import argparse
 import json
 import os
 import sys
+import traceback
 from pathlib import Path
+
+from .errors import Interrupted, UserError
 
 DESCRIPTION = """Distill a diffusion pipeline into a two-step consistency model (sCM, arXiv 2410.11081).
 
@@ -22,8 +25,13 @@ DESCRIPTION = """Distill a diffusion pipeline into a two-step consistency model 
   scm-distill demo                                                      the whole path on built-in data"""
 
 
-def add_distill(sub) -> None:
-    p = sub.add_parser("distill", help="distill a teacher pipeline and export a two-step pipeline",
+TRUST_HELP = ("run Python code shipped in a pipeline folder (an export's own pipeline file, custom components); "
+              "only for folders you trust")
+
+
+def add_distill(sub, parents: list) -> None:
+    p = sub.add_parser("distill", parents=parents,
+                       help="distill a teacher pipeline and export a two-step pipeline",
                        description="Continuous-time consistency distillation (sCD) of a teacher pipeline; "
                                    "the run ends with an exported diffusers pipeline in OUTPUT/pipeline.")  # fmt: skip
     p.add_argument("--teacher", help="teacher pipeline: a local folder or a Hugging Face Hub id")
@@ -39,6 +47,7 @@ def add_distill(sub) -> None:
     p.add_argument("--resume", nargs="?", const="latest", help="continue a run: 'latest' or a checkpoint folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     p.set_defaults(run=run_distill)
 
 
@@ -65,13 +74,13 @@ def run_distill(args) -> int:
         return 0
     from .trainer import distill
 
-    result = distill(config, resume=args.resume, overwrite=args.overwrite)
+    result = distill(config, resume=args.resume, overwrite=args.overwrite, trust_remote_code=args.trust_remote_code)
     print(f"exported: {result.export_dir}")
     return 0
 
 
-def add_plan(sub) -> None:
-    p = sub.add_parser("plan", help="per-GPU memory of a run under DDP and FSDP, before launching it",
+def add_plan(sub, parents: list) -> None:
+    p = sub.add_parser("plan", parents=parents, help="per-GPU memory of a run under DDP and FSDP, before launching it",
                        description="Training state from the denoiser's parameter counts (built on the meta device) "
                                    "and activations counted on meta tensors at the run's resolution.")  # fmt: skip
     p.add_argument("--teacher", help="teacher: a recipe's Hub id or a local pipeline folder (default: the recipe's)")
@@ -90,14 +99,15 @@ def run_plan(args) -> int:
     from .plan import format_plan, memory_plan
 
     if args.num_processes < 1 or args.gpu_memory_gb <= 0:
-        raise ValueError("--num-processes must be at least 1 and --gpu-memory-gb positive.")
+        raise UserError("--num-processes must be at least 1 and --gpu-memory-gb positive.")
     config = resolve(args.recipe, {**cli_overrides(args), "output": "plan"}, args.set)
     print(format_plan(memory_plan(config, args.num_processes, args.resolution), args.gpu_memory_gb))
     return 0
 
 
-def add_sample(sub) -> None:
-    p = sub.add_parser("sample", help="draw samples from an exported pipeline",
+def add_sample(sub, parents: list) -> None:
+    p = sub.add_parser("sample", parents=parents,
+                       help="draw samples from an exported pipeline",
                        description="Load an exported pipeline with plain diffusers and save a PNG grid.")  # fmt: skip
     p.add_argument("--model", required=True, help="exported pipeline folder")
     p.add_argument("--num-images", type=int, default=16)
@@ -106,6 +116,7 @@ def add_sample(sub) -> None:
     p.add_argument("--prompt", action="append", help="prompt of a text-to-image export (repeatable; cycled)")
     p.add_argument("--prompts", help="text file of prompts, one per line (text-to-image exports)")
     p.add_argument("--output", default="samples.png", help="PNG file for the grid")
+    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     p.set_defaults(run=run_sample)
 
 
@@ -114,11 +125,23 @@ def run_sample(args) -> int:
     from .grids import image_grid, save_png
 
     if args.num_images < 1 or args.steps < 1:
-        raise ValueError("--num-images and --steps must be at least 1.")
-    images = PipelineSampler(args.model, prompts_from(args))(args.num_images, args.steps, args.seed)
+        raise UserError("--num-images and --steps must be at least 1.")
+    output = Path(args.output)
+    check_png_output(output)
+    sampler = PipelineSampler(args.model, prompts_from(args), trust_remote_code=args.trust_remote_code)
+    images = sampler(args.num_images, args.steps, args.seed)
     grid = image_grid(images, columns=min(8, args.num_images))
-    print(f"wrote {save_png(grid, Path(args.output))}")
+    print(f"wrote {save_png(grid, output)}")
     return 0
+
+
+def check_png_output(path: Path) -> None:
+    """`sample --output` names a new or existing .png file whose folder can be written."""
+    from .files import check_writable_file
+
+    check_writable_file(path, "--output")
+    if path.suffix.lower() != ".png":
+        raise UserError(f"--output '{path}' must name a .png file.")
 
 
 def prompts_from(args) -> tuple[str, ...] | None:
@@ -129,8 +152,9 @@ def prompts_from(args) -> tuple[str, ...] | None:
     return prompts or None
 
 
-def add_push(sub) -> None:
-    p = sub.add_parser("push", help="publish an exported pipeline to the Hugging Face Hub",
+def add_push(sub, parents: list) -> None:
+    p = sub.add_parser("push", parents=parents,
+                       help="publish an exported pipeline to the Hugging Face Hub",
                        description="create_repo + upload_folder of an export (never checkpoints).")  # fmt: skip
     p.add_argument("folder", help="exported pipeline folder")
     p.add_argument("--repo-id", required=True, help="Hub repository, e.g. user/my-2step-model")
@@ -148,8 +172,9 @@ def run_push(args) -> int:
     return 0
 
 
-def add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="distill the embedded digits teacher on the CPU and report",
+def add_demo(sub, parents: list) -> None:
+    p = sub.add_parser("demo", parents=parents,
+                       help="distill the embedded digits teacher on the CPU and report",
                        description="Distill the built-in teacher (trained on scikit-learn digits), export, "
                                    "reload the export, sample with 1 and 2 steps, and report.")  # fmt: skip
     p.add_argument("--output", default="demo-output")
@@ -176,8 +201,9 @@ def int_list(text: str) -> tuple[int, ...]:
     return values
 
 
-def add_evaluate(sub) -> None:
-    p = sub.add_parser("evaluate", help="FID/KID/precision/recall of an export (and its teacher) vs steps",
+def add_evaluate(sub, parents: list) -> None:
+    p = sub.add_parser("evaluate", parents=parents,
+                       help="FID/KID/precision/recall of an export (and its teacher) vs steps",
                        description="Quality against network evaluations through torch-fidelity; writes "
                                    "metrics.json, report.md, curve.png and sample grids to OUTPUT.")  # fmt: skip
     p.add_argument("--model", required=True, help="exported pipeline folder")
@@ -200,6 +226,7 @@ def add_evaluate(sub) -> None:
                    help="CFG scale of a guided teacher (default: the scale the export's 2-step call uses; pass it "
                         "for LoRA students with CFG merged into their weights)")  # fmt: skip
     p.add_argument("--output", required=True)
+    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     p.set_defaults(run=run_evaluate)
 
 
@@ -210,15 +237,17 @@ def run_evaluate(args) -> int:
                             seed=args.seed, feature_extractor=args.feature_extractor,
                             inception_weights=args.inception_weights, resize_reference=args.resize_reference,
                             reference_split=args.reference_split, prompts=prompts_from(args),
-                            teacher_guidance_scale=args.teacher_guidance_scale)  # fmt: skip
+                            teacher_guidance_scale=args.teacher_guidance_scale,
+                            trust_remote_code=args.trust_remote_code)  # fmt: skip
     metrics = evaluate(Path(args.model), args.reference, Path(args.output), args.teacher, settings)
     for name, result in metrics["results"].items():
         print(f"{name}: FID {result['fid']:.3f} ({metrics['feature_extractor']})")
     return 0
 
 
-def add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="sampling speed and training cost, teacher vs student, in one run",
+def add_bench(sub, parents: list) -> None:
+    p = sub.add_parser("bench", parents=parents,
+                       help="sampling speed and training cost, teacher vs student, in one run",
                        description="Latency/throughput of the teacher's sampler vs the student's 1/2 steps, the "
                                    "sCD step vs a diffusion step (parts, memory), and their scaling.")  # fmt: skip
     p.add_argument("--model", required=True, help="exported pipeline folder")
@@ -227,13 +256,15 @@ def add_bench(sub) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-scaling", action="store_true", help="skip the resolution/width scaling table")
     p.add_argument("--output", required=True)
+    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     p.set_defaults(run=run_bench)
 
 
 def run_bench(args) -> int:
     from .evaluation.bench import BenchSettings, bench
 
-    settings = BenchSettings(teacher_steps=args.teacher_steps, repeats=args.repeats, scaling=not args.no_scaling)
+    settings = BenchSettings(teacher_steps=args.teacher_steps, repeats=args.repeats, scaling=not args.no_scaling,
+                             trust_remote_code=args.trust_remote_code)  # fmt: skip
     results = bench(Path(args.model), Path(args.output), args.teacher, settings)
     for record in results["training"]:
         print(f"training ({record['precision']}): sCD/diffusion {record['scd_over_diffusion']}x, "
@@ -246,27 +277,50 @@ def run_bench(args) -> int:
     return 0
 
 
-KNOWN_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotImplementedError)
+EXIT_USER_ERROR, EXIT_BUG, EXIT_INTERRUPTED = 1, 2, 130  # 130 = 128 + SIGINT, what shells report for Ctrl-C
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="scm-distill", description=DESCRIPTION,
+    # --debug works before or after the command name (SUPPRESS: the sub-parser does not reset the main one's value)
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the traceback of any error (default: one sentence for your errors)")  # fmt: skip
+    parser = argparse.ArgumentParser(prog="scm-distill", description=DESCRIPTION, parents=[debug],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (add_distill, add_sample, add_evaluate, add_bench, add_push, add_demo, add_plan):
-        add(sub)
+        add(sub, parents=[debug])
     return parser
+
+
+def one_line(error: BaseException) -> str:
+    """The error's sentence on one line (a value quoted from the user's input may hold line breaks)."""
+    return str(error).replace("\r", "\\r").replace("\n", "\\n")
+
+
+def report_error(command: str, error: BaseException) -> int:
+    """One line for the user's errors and Ctrl-C; the traceback for anything else (a bug in the toolkit)."""
+    if isinstance(error, Interrupted | KeyboardInterrupt):
+        message = one_line(error) if isinstance(error, Interrupted) else "interrupted."
+        print(f"scm-distill {command}: {message}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if isinstance(error, UserError):
+        print(f"scm-distill {command}: error: {one_line(error)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    traceback.print_exception(error)
+    print(f"scm-distill {command}: internal error ({type(error).__name__}): this is a bug in scm-distill; "
+          f"please report it with the traceback above.", file=sys.stderr)  # fmt: skip
+    return EXIT_BUG
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .trainer import NonFiniteError
-
     try:
         return args.run(args)
-    except (*KNOWN_ERRORS, NonFiniteError) as error:
-        print(f"scm-distill {args.command}: error: {error}", file=sys.stderr)
-        return 1
+    except (Exception, KeyboardInterrupt) as error:
+        if getattr(args, "debug", False):
+            raise
+        return report_error(args.command, error)
 
 
 if __name__ == "__main__":

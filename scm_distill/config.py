@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,12 @@ from typing import Any, Literal
 
 import yaml
 
+from .errors import MissingFileError, UserError
 from .objective import SCDConfig
+
+INT64_MAX = 2**63 - 1  # integers must fit torch's int64 (step counters, seeds, sizes)
+SEED_LIMIT = 2**32  # seeds in [0, 2**32): step_seed(seed, rank, step) then stays inside torch's 64-bit seed range
+HALF_PI = math.pi / 2
 
 
 @dataclass(frozen=True)
@@ -141,30 +147,37 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
     """Check a YAML/CLI value against a field's type hint; tuples from lists, ints accepted for floats."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is Literal:
-        if value not in args:
-            raise ValueError(f"config field '{name}' must be one of {list(args)}, got {value!r}.")
+        if not any(value == a and type(value) is type(a) for a in args):
+            raise UserError(f"config field '{name}' must be one of {list(args)}, got {value!r}.")
         return value
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], name)
     if origin is tuple and len(args) == 2 and args[1] is Ellipsis:  # tuple[X, ...]: any length
         if not isinstance(value, list | tuple):
-            raise ValueError(f"config field '{name}' must be a list, got {value!r}.")
+            raise UserError(f"config field '{name}' must be a list, got {value!r}.")
         return tuple(_coerce(v, args[0], name) for v in value)
     if origin is tuple:
         if not isinstance(value, list | tuple) or len(value) != len(args):
-            raise ValueError(f"config field '{name}' must be a list of {len(args)} values, got {value!r}.")
+            raise UserError(f"config field '{name}' must be a list of {len(args)} values, got {value!r}.")
         return tuple(_coerce(v, a, name) for v, a in zip(value, args, strict=True))
-    if hint is float and not isinstance(value, bool):
-        try:  # YAML 1.1 reads "3e-4" (no dot) as a string
-            return float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"config field '{name}' must be a number, got {value!r}.") from None
+    if hint is float:
+        return _number(value, name)
     if hint in (int, str, bool) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
-        raise ValueError(f"config field '{name}' must be {hint.__name__}, got {value!r}.")
+        raise UserError(f"config field '{name}' must be {hint.__name__}, got {value!r}.")
     return value
+
+
+def _number(value: Any, name: str) -> float:
+    """A float field's value: numbers and numeric strings (YAML 1.1 reads "3e-4", with no dot, as a string)."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise UserError(f"config field '{name}' must be a number, got {value!r}.")
+    try:
+        return float(value)
+    except (ValueError, OverflowError):  # OverflowError: an integer beyond the float range
+        raise UserError(f"config field '{name}' must be a number, got {value!r}.") from None
 
 
 def override(config: Any, updates: dict, prefix: str = "") -> Any:
@@ -174,11 +187,11 @@ def override(config: Any, updates: dict, prefix: str = "") -> Any:
     for key, value in updates.items():
         name = f"{prefix}{key}"
         if key not in hints:
-            raise ValueError(f"unknown config field '{name}'.")
+            raise UserError(f"unknown config field '{name}'.")
         current = getattr(config, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
-                raise ValueError(f"config section '{name}' must be a mapping, got {value!r}.")
+                raise UserError(f"config section '{name}' must be a mapping, got {value!r}.")
             changes[key] = override(current, value, prefix=f"{name}.")
         else:
             changes[key] = _coerce(value, hints[key], name)
@@ -187,14 +200,16 @@ def override(config: Any, updates: dict, prefix: str = "") -> Any:
 
 def load_recipe(path: str | Path) -> dict:
     path = Path(path)
+    if not path.exists():
+        raise MissingFileError(f"recipe file '{path}' does not exist.")
     if not path.is_file():
-        raise FileNotFoundError(f"recipe file '{path}' does not exist.")
+        raise UserError(f"recipe '{path}' is not a file.")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ValueError(f"recipe '{path}' is not valid YAML ({error.__class__.__name__}).") from None
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as error:
+        raise UserError(f"recipe '{path}' is not valid YAML ({error.__class__.__name__}).") from None
     if not isinstance(data, dict):
-        raise ValueError(f"recipe '{path}' must be a mapping of config fields.")
+        raise UserError(f"recipe '{path}' must be a mapping of config fields.")
     return data
 
 
@@ -203,54 +218,117 @@ def dotted_to_nested(assignments: list[str]) -> dict:
     nested: dict = {}
     for item in assignments:
         if "=" not in item:
-            raise ValueError(f"--set expects FIELD=VALUE, got '{item}'.")
+            raise UserError(f"--set expects FIELD=VALUE, got '{item}'.")
         key, raw = item.split("=", 1)
         *parents, leaf = key.strip().split(".")
         node = nested
         for parent in parents:
             node = node.setdefault(parent, {})
-        node[leaf] = yaml.safe_load(raw)
+            if not isinstance(node, dict):
+                raise UserError(f"--set '{key}' sets a field inside '{parent}', which an earlier --set gave a value.")
+        try:
+            node[leaf] = yaml.safe_load(raw)
+        except (yaml.YAMLError, RecursionError) as error:
+            kind = error.__class__.__name__
+            raise UserError(f"--set '{key}': the value is not a valid YAML scalar ({kind}).") from None
     return nested
 
 
-def validate(config: DistillConfig) -> DistillConfig:
-    """Eager checks with one-sentence errors."""
-    checks = [
-        (bool(config.teacher), "a teacher is required (--teacher PATH_OR_ID)."),
-        (bool(config.output), "an output directory is required (--output DIR)."),
-        (config.sigma_data > 0, f"sigma_data must be positive, got {config.sigma_data}."),
-        (config.train.batch_size >= 1, f"train.batch_size must be at least 1, got {config.train.batch_size}."),
-        (config.train.max_steps >= 0, f"train.max_steps must be non-negative, got {config.train.max_steps}."),
-        (config.train.convert_steps >= 0, "train.convert_steps must be non-negative."),
-        (config.train.grad_accum_steps >= 1,
-         f"train.grad_accum_steps must be at least 1, got {config.train.grad_accum_steps}."),
-        (not (config.objective.compile_jvp and config.train.parallel == "fsdp"),
-         "objective.compile_jvp is not supported with train.parallel fsdp yet (untested through FSDP2's hooks)."),
-        (config.optim.lr > 0, f"optim.lr must be positive, got {config.optim.lr}."),
-        ((config.optim.convert_lr or 1) > 0, "optim.convert_lr must be positive."),
-        (config.objective.P_std > 0, f"objective.P_std must be positive, got {config.objective.P_std}."),
-        (config.objective.tangent_norm_c >= 0, "objective.tangent_norm_c must be non-negative."),
-        (not config.objective.compile_jvp or config.objective.jvp == "exact",
+def numbers_out_of_range(config: Any, prefix: str = "") -> str | None:
+    """The first numeric field (dotted name) holding a NaN or infinite float or an integer beyond int64."""
+    for item in dataclasses.fields(config):
+        value, name = getattr(config, item.name), f"{prefix}{item.name}"
+        if dataclasses.is_dataclass(value):
+            found = numbers_out_of_range(value, f"{name}.")
+            if found:
+                return found
+            continue
+        for v in value if isinstance(value, tuple) else (value,):
+            if isinstance(v, float) and not math.isfinite(v):
+                return f"config field '{name}' must be a finite number, got {v}."
+            if isinstance(v, int) and not isinstance(v, bool) and abs(v) > INT64_MAX:
+                return f"config field '{name}' is too large ({v})."
+    return None
+
+
+def at_least(value: int | float | None, low: int | float) -> bool:
+    return value is None or value >= low
+
+
+def positive_or_none(value: int | float | None) -> bool:
+    return value is None or value > 0
+
+
+def range_checks(c: DistillConfig) -> list[tuple[bool, str]]:
+    """(ok, one-sentence message) for every field whose range is limited; types and finiteness are checked before."""
+    o, t, s, g, d = c.optim, c.train, c.sampling, c.guidance, c.data
+    return [
+        (bool(c.teacher), "a teacher is required (--teacher PATH_OR_ID)."),
+        (bool(c.output), "an output directory is required (--output DIR)."),
+        (c.sigma_data > 0, f"sigma_data must be positive, got {c.sigma_data}."),
+        (at_least(d.resize_to, 1), f"data.resize_to must be a positive integer or null, got {d.resize_to}."),
+        (at_least(d.pad_to, 1), f"data.pad_to must be a positive integer or null, got {d.pad_to}."),
+        (at_least(d.max_items, 1), f"data.max_items must be a positive integer or null, got {d.max_items}."),
+        (d.sigma_data_images >= 1, "data.sigma_data_images must be at least 1."),
+        (c.objective.P_std > 0, f"objective.P_std must be positive, got {c.objective.P_std}."),
+        (c.objective.tangent_warmup_steps >= 0, "objective.tangent_warmup_steps must be non-negative."),
+        (c.objective.tangent_norm_c >= 0, "objective.tangent_norm_c must be non-negative."),
+        (c.objective.finite_difference_h > 0, "objective.finite_difference_h must be positive."),
+        (not c.objective.compile_jvp or c.objective.jvp == "exact",
          "objective.compile_jvp compiles the exact JVP; it cannot be combined with objective.jvp finite_difference."),
-        (0 <= config.student.dropout < 1, f"student.dropout must be in [0, 1), got {config.student.dropout}."),
-        (0 < config.sampling.t_mid < 1.5708, f"sampling.t_mid must be in (0, pi/2), got {config.sampling.t_mid}."),
-        (config.sampling.sigma_max > 0, "sampling.sigma_max must be positive."),
-        (config.train.ema_halflife_kimg > 0, "train.ema_halflife_kimg must be positive."),
-        (config.sampling.teacher_steps >= 1, "sampling.teacher_steps must be at least 1."),
-        (config.guidance.s_min >= 1, f"guidance.s_min must be at least 1 (no guidance), got {config.guidance.s_min}."),
-        ((config.guidance.s_max or math.inf) >= config.guidance.s_min, "guidance.s_max must not be below "
-                                                                        "guidance.s_min."),
-        ((config.guidance.scale or 1) >= 1, f"guidance.scale must be at least 1, got {config.guidance.scale}."),
-        (config.guidance.embedding_dim >= 2, "guidance.embedding_dim must be at least 2."),
-        (config.lora.rank >= 0, f"lora.rank must be a positive integer (0: no LoRA), got {config.lora.rank}."),
-        (config.lora.rank == 0 or config.student.dropout == 0, "LoRA students share the teacher's network and "
-                                                               "need student.dropout 0."),
-        ((config.lora.alpha or 1) > 0, "lora.alpha must be positive."),
-        (config.data.sigma_data_images >= 1, "data.sigma_data_images must be at least 1."),
-    ]
-    for ok, message in checks:
+        (0 <= c.student.dropout < 1, f"student.dropout must be in [0, 1), got {c.student.dropout}."),
+        (c.student.logvar_channels >= 2 and c.student.logvar_channels % 2 == 0,
+         f"student.logvar_channels must be an even number of at least 2, got {c.student.logvar_channels}."),
+        (positive_or_none(c.student.time_embedding_max_frequency),
+         "student.time_embedding_max_frequency must be positive."),
+        (o.lr > 0, f"optim.lr must be positive, got {o.lr}."),
+        (positive_or_none(o.convert_lr), "optim.convert_lr must be positive."),
+        (all(0 <= b < 1 for b in o.betas), f"optim.betas must lie in [0, 1), got {list(o.betas)}."),
+        (o.eps > 0, f"optim.eps must be positive, got {o.eps}."),
+        (o.weight_decay >= 0, f"optim.weight_decay must be non-negative, got {o.weight_decay}."),
+        (o.warmup_steps >= 0, "optim.warmup_steps must be non-negative."),
+        (o.decay_ref_steps >= 1, "optim.decay_ref_steps must be at least 1."),
+        (positive_or_none(o.grad_clip), f"optim.grad_clip must be positive (null: no clipping), got {o.grad_clip}."),
+        (t.batch_size >= 1, f"train.batch_size must be at least 1, got {t.batch_size}."),
+        (t.max_steps >= 1, f"train.max_steps must be at least 1 (0 would export the untrained student), got "
+                           f"{t.max_steps}."),
+        (t.convert_steps >= 0, "train.convert_steps must be non-negative."),
+        (t.grad_accum_steps >= 1, f"train.grad_accum_steps must be at least 1, got {t.grad_accum_steps}."),
+        (not (c.objective.compile_jvp and t.parallel == "fsdp"),
+         "objective.compile_jvp is not supported with train.parallel fsdp yet (untested through FSDP2's hooks)."),
+        (0 <= t.seed < SEED_LIMIT, f"train.seed must be in [0, 2**32), got {t.seed}."),
+        (t.ema_halflife_kimg > 0, "train.ema_halflife_kimg must be positive."),
+        (positive_or_none(t.ema_rampup_ratio), "train.ema_rampup_ratio must be positive (null: no ramp-up)."),
+        (t.checkpoint_every >= 0, "train.checkpoint_every must be non-negative (0: only the final checkpoint)."),
+        (t.keep_checkpoints >= 1, "train.keep_checkpoints must be at least 1."),
+        (t.sample_every >= 0, "train.sample_every must be non-negative (0: no sample grids)."),
+        (t.log_every >= 1, f"train.log_every must be at least 1, got {t.log_every}."),
+        (t.max_nonfinite_in_a_row >= 1, "train.max_nonfinite_in_a_row must be at least 1."),
+        (t.num_workers >= 0, "train.num_workers must be non-negative."),
+        (0 < s.t_mid < HALF_PI, f"sampling.t_mid must be in (0, pi/2), got {s.t_mid}."),
+        (s.sigma_max > 0, "sampling.sigma_max must be positive."),
+        (s.teacher_steps >= 1, "sampling.teacher_steps must be at least 1."),
+        (s.grid_size >= 1, "sampling.grid_size must be at least 1."),
+        (c.export.eval_samples >= 0, "export.eval_samples must be non-negative."),
+        (g.s_min >= 1, f"guidance.s_min must be at least 1 (no guidance), got {g.s_min}."),
+        (at_least(g.s_max, g.s_min), "guidance.s_max must not be below guidance.s_min."),
+        (at_least(g.scale, 1), f"guidance.scale must be at least 1, got {g.scale}."),
+        (g.embedding_dim >= 2, "guidance.embedding_dim must be at least 2."),
+        (c.lora.rank >= 0, f"lora.rank must be a positive integer (0: no LoRA), got {c.lora.rank}."),
+        (c.lora.rank == 0 or c.student.dropout == 0, "LoRA students share the teacher's network and need "
+                                                     "student.dropout 0."),
+        (positive_or_none(c.lora.alpha), "lora.alpha must be positive."),
+    ]  # fmt: skip
+
+
+def validate(config: DistillConfig) -> DistillConfig:
+    """Eager checks with one-sentence errors: every number finite and inside its range."""
+    problem = numbers_out_of_range(config)
+    if problem:
+        raise UserError(problem)
+    for ok, message in range_checks(config):
         if not ok:
-            raise ValueError(message)
+            raise UserError(message)
     return config
 
 
@@ -267,4 +345,10 @@ def resolve(recipe: str | None = None, cli: dict | None = None, sets: list[str] 
 
 
 def config_from_json(path: str | Path) -> DistillConfig:
-    return validate(override(DistillConfig(), json.loads(Path(path).read_text())))
+    try:
+        values = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"config '{path}' cannot be read ({error.__class__.__name__}).") from None
+    if not isinstance(values, dict):
+        raise UserError(f"config '{path}' is not a JSON object of config fields.")
+    return validate(override(DistillConfig(), values))

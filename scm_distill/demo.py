@@ -23,13 +23,16 @@ import torch
 
 from .config import resolve
 from .data import load_images
+from .errors import MissingFileError, UserError
 from .evaluation.speed import sampling_speed
 from .export.card import refresh_card_facts
 from .families import load_teacher
 from .families.base import images_to_uint8
+from .files import write_atomic
 from .generate import sampling_times, teacher_samples
 from .grids import labelled_rows, save_png, to_uint8
 from .metrics import EFFICIENTNET_LITE0, extract_features, feature_statistics, frechet_distance
+from .run_dir import RUN_LAYOUT, Layout
 from .trainer import distill, sampler_info
 
 PACKAGE = Path(__file__).resolve().parent
@@ -37,6 +40,8 @@ DEMO_TEACHER = PACKAGE / "assets" / "digits-teacher"
 DEMO_RECIPE = PACKAGE.parent / "recipes" / "digits-demo.yaml"
 NUM_SAMPLES = 1000
 SEED = 1234
+# demo.json marks a demo's output folder: a later demo replaces only what a demo writes, and refuses other folders
+DEMO_LAYOUT = Layout("demo.json", RUN_LAYOUT.entries | {"demo.json", "report.json", "report.md", "samples.png"})
 
 # Runs in a fresh interpreter in which `import scm_distill` fails, exactly as on a user's machine.
 SAMPLE_EXPORT = """
@@ -65,7 +70,7 @@ def sample_export_in_fresh_process(folder: Path, n: int, seed: int) -> dict:
         done = subprocess.run(args, cwd=tmp, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"the exported pipeline did not load in a fresh process: {done.stderr[-500:]}")
-        return torch.load(out)
+        return torch.load(out, weights_only=True)
 
 
 def frechet_distances(sets: dict[str, torch.Tensor], reference: torch.Tensor) -> tuple[dict[str, float], float]:
@@ -98,15 +103,15 @@ def demo(output: Path, max_steps: int | None = None, num_samples: int | None = N
     """Run the demo into `output`; returns the path of report.json."""
     started, laps = time.time(), Laps()
     if not DEMO_RECIPE.is_file():
-        raise FileNotFoundError(f"the demo recipe '{DEMO_RECIPE}' is missing; run the demo from a source checkout.")
-    n = num_samples or NUM_SAMPLES
+        raise MissingFileError(f"the demo recipe '{DEMO_RECIPE}' is missing; run the demo from a source checkout.")
+    n = NUM_SAMPLES if num_samples is None else num_samples
     if n < 2:
-        raise ValueError(f"--num-samples must be at least 2 for a covariance, got {n}.")
+        raise UserError(f"--num-samples must be at least 2 for a covariance, got {n}.")
     cli = {"teacher": str(DEMO_TEACHER), "output": str(output)}
     if max_steps is not None:
         cli["train"] = {"max_steps": max_steps}
     config = resolve(recipe=str(DEMO_RECIPE), cli=cli)
-    result = distill(config, overwrite=True)
+    result = distill(config, overwrite=True, layout=DEMO_LAYOUT)  # refuses a folder that is not a previous demo
     distill_seconds = time.time() - started
     laps("distill")
 
@@ -190,7 +195,7 @@ def card_facts(report: dict) -> dict:
 
 
 def write_outputs(output: Path, report: dict, sets: dict, teacher_steps: int) -> None:
-    (output / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_atomic(output / "report.json", json.dumps(report, indent=2) + "\n")
     fd, speed, bars = report["frechet_distance"], report["sampling_batch1"], report["bars"]
     rows = [(f"teacher, DDIM {teacher_steps} steps", teacher_steps, fd[f"teacher_{teacher_steps}_steps"],
              speed["teacher_ms"]),
@@ -199,7 +204,7 @@ def write_outputs(output: Path, report: dict, sets: dict, teacher_steps: int) ->
             ("student (sCD), 1 step", 1, fd["student_1_step"], speed["student_1_step_ms"])]  # fmt: skip
     table = "\n".join(f"| {name} | {nfe} | {d:.2f} | {'' if ms is None else f'{ms:.1f}'} |"
                       for name, nfe, d, ms in rows)  # fmt: skip
-    (output / "report.md").write_text(REPORT_MD.format(table=table, **report, **bars))
+    write_atomic(output / "report.md", REPORT_MD.format(table=table, **report, **bars))
     grid = labelled_rows({k.replace("_", " "): v[:32] for k, v in sets.items()}, columns=32)
     save_png(grid, output / "samples.png")
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+
+from .errors import UserError
+from .files import os_error_sentence, write_atomic
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -43,10 +47,12 @@ def labelled_rows(rows: dict[str, torch.Tensor], columns: int, scale: int = 2) -
 
 
 def save_png(image: Image.Image, path: Path) -> Path:
-    """Write a PNG through a temporary file and a rename."""
+    """Write a PNG atomically (temporary sibling, fsync, rename); a failed write is one sentence, no leftovers."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    image.save(tmp)
-    tmp.replace(path)
-    return path
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return write_atomic(path, buffer.getvalue())
+    except OSError as error:
+        raise UserError(os_error_sentence(error, path)) from None

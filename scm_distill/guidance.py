@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .errors import UserError
 from .parameterization import Condition, NativeModel
 from .trigflow import expand_as
 
@@ -59,10 +60,10 @@ def concat_conditions(first: Any, second: Any) -> Any:
         return torch.cat([first, second])
     if isinstance(first, dict):
         if first.keys() != second.keys():
-            raise ValueError(f"conditions to stack have different keys: {sorted(first)} vs {sorted(second)}.")
+            raise UserError(f"conditions to stack have different keys: {sorted(first)} vs {sorted(second)}.")
         return {key: concat_conditions(first[key], second[key]) for key in first}
     if first != second:
-        raise ValueError(f"conditions to stack differ in a non-tensor value: {first!r} vs {second!r}.")
+        raise UserError(f"conditions to stack differ in a non-tensor value: {first!r} vs {second!r}.")
     return first
 
 
@@ -92,5 +93,5 @@ class GuidedModel(NativeModel):
 def guidance_range(s_min: float, s_max: float) -> tuple[float, float]:
     """Checked training range of guidance scales (one-sentence errors, as the CLI prints them)."""
     if not (math.isfinite(s_min) and math.isfinite(s_max)) or s_min < 1 or s_max < s_min:
-        raise ValueError(f"the guidance range [{s_min}, {s_max}] is not valid; scales start at 1 (no guidance).")
+        raise UserError(f"the guidance range [{s_min}, {s_max}] is not valid; scales start at 1 (no guidance).")
     return s_min, s_max

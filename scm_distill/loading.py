@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from .errors import UserError
+
 
 @contextmanager
 def quiet_loading() -> Iterator[None]:
@@ -54,12 +56,12 @@ def check_trainable_weights(folder: Path, component: str, source: str, device: t
     variant to load ('fp16' or None)."""
     half = half_precision_only(Path(folder) / component)
     if half and device.type == "cpu":
-        raise ValueError(f"teacher '{source}' has only 16-bit {component} weights, which are meant for GPUs (on the "
+        raise UserError(f"teacher '{source}' has only 16-bit {component} weights, which are meant for GPUs (on the "
                          f"CPU the toolkit trains in float32); run on a GPU or give float32 weights.")  # fmt: skip
     return "fp16" if half == "fp16" else None
 
 
 def require_transformers(source: str, pipeline_name: str) -> None:
     if importlib.util.find_spec("transformers") is None:
-        raise ValueError(f"teacher '{source}' is a {pipeline_name}, which needs transformers: "
+        raise UserError(f"teacher '{source}' is a {pipeline_name}, which needs transformers: "
                          f"pip install 'scm-distill[text]'.")  # fmt: skip

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .errors import UserError
 from .parameterization import NetworkCall
 
 ADAPTER = "scm"  # adapter name inside the student network
@@ -43,16 +44,16 @@ def layer_rank_limit(module: nn.Module) -> int:
 def check_lora(network: nn.Module, rank: int, target_modules: tuple[str, ...]) -> None:
     """One-sentence error for a rank or a set of target layers this network cannot take (or a missing peft)."""
     if importlib.util.find_spec("peft") is None:
-        raise ValueError("LoRA distillation needs peft: pip install 'scm-distill[text]'.")
+        raise UserError("LoRA distillation needs peft: pip install 'scm-distill[text]'.")
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"lora.rank must be a positive integer, got {rank!r}.")
+        raise UserError(f"lora.rank must be a positive integer, got {rank!r}.")
     layers = adapted_layers(network, target_modules)
     if not layers:
-        raise ValueError(f"no layer of the {type(network).__name__} matches lora.target_modules "
+        raise UserError(f"no layer of the {type(network).__name__} matches lora.target_modules "
                          f"{list(target_modules)}.")  # fmt: skip
     name, smallest = min(layers.items(), key=lambda item: layer_rank_limit(item[1]))
     if rank > layer_rank_limit(smallest):
-        raise ValueError(f"lora.rank {rank} is larger than the layer '{name}' can take (at most "
+        raise UserError(f"lora.rank {rank} is larger than the layer '{name}' can take (at most "
                          f"{layer_rank_limit(smallest)}); lower lora.rank or leave that layer out of "
                          f"lora.target_modules.")  # fmt: skip
 
@@ -63,7 +64,7 @@ def add_lora(network: nn.Module, rank: int, alpha: float | None, target_modules:
     peft's initialisation drawn from `seed` (not the global RNG, so runs repeat), lora_B zeros."""
     check_lora(network, rank, target_modules)
     if has_lora(network):
-        raise ValueError("the network already carries LoRA adapters; build the student from a fresh teacher.")
+        raise UserError("the network already carries LoRA adapters; build the student from a fresh teacher.")
     from peft import LoraConfig
 
     config = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=list(target_modules), lora_dropout=0.0,

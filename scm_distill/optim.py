@@ -7,12 +7,18 @@ from collections.abc import Iterable
 import torch
 
 from .config import OptimConfig
+from .errors import UserError
 
 OPTIMIZERS = {"radam": torch.optim.RAdam, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 
 
 def make_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
-    return OPTIMIZERS[cfg.name](params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    """The optimizer of the config; torch's own rejections of its values (or of no trainable parameters) become one
+    sentence, raised before the run folder is created."""
+    try:
+        return OPTIMIZERS[cfg.name](params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    except ValueError as error:
+        raise UserError(f"the {cfg.name} optimizer refuses the optim settings ({error}).") from None
 
 
 # lr(step) = lr * min(1, step / warmup) / sqrt(max(step / ref, 1)) for inverse_sqrt (EDM2-style decay); `step`

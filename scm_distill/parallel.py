@@ -32,6 +32,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
+from .errors import UserError
 from .student import Student
 
 BLOCK_LISTS = ("down_blocks", "up_blocks", "transformer_blocks", "single_transformer_blocks")  # each element a unit
@@ -44,16 +45,16 @@ OWN_UNIT_CLASSES = ("CombinedTimestepLabelEmbeddings",)
 def check_launcher(environ: Mapping[str, str], parallel: str) -> None:
     """Refuse accelerate launch configs whose sharding torch.func cannot run through (one-sentence errors)."""
     if environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-        raise ValueError("DeepSpeed launches are not supported: torch.func.jvp does not run through ZeRO-3's "
+        raise UserError("DeepSpeed launches are not supported: torch.func.jvp does not run through ZeRO-3's "
                          "partitioned parameters; set train.parallel: fsdp and launch with "
                          "recipes/accelerate/fsdp2.yaml.")  # fmt: skip
     if environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
         return
     if environ.get("FSDP_VERSION", "1") != "2":
-        raise ValueError("accelerate's FSDP1 is not supported: torch.func.jvp does not run through its flat "
+        raise UserError("accelerate's FSDP1 is not supported: torch.func.jvp does not run through its flat "
                          "parameters; use fsdp_version: 2 (recipes/accelerate/fsdp2.yaml).")  # fmt: skip
     if parallel != "fsdp":
-        raise ValueError("the accelerate config asks for FSDP2 but train.parallel is ddp; set train.parallel: fsdp "
+        raise UserError("the accelerate config asks for FSDP2 but train.parallel is ddp; set train.parallel: fsdp "
                          "(the trainer shards the student, EMA and teacher itself).")  # fmt: skip
 
 
@@ -117,7 +118,7 @@ def shard_student(student: Student, mesh, mixed_precision: str) -> Student:
     fully_shard(student.logvar, mesh=mesh, mp_policy=policies(mixed_precision)[1], reshard_after_forward=True)
     unsharded = [name for name, p in student.named_parameters() if not isinstance(p, DTensor)]
     if unsharded:
-        raise NotImplementedError(f"train.parallel fsdp cannot shard parameters outside the student's network "
+        raise UserError(f"train.parallel fsdp cannot shard parameters outside the student's network "
                                   f"and logvar head (e.g. '{unsharded[0]}').")  # fmt: skip
     return student
 
@@ -170,7 +171,7 @@ def checkpointable_models(network: nn.Module) -> list[nn.Module]:
 
 def check_activation_checkpointing(network: nn.Module) -> None:
     if not checkpointable_models(network):
-        raise ValueError(f"train.activation_checkpointing needs a diffusers model that supports gradient "
+        raise UserError(f"train.activation_checkpointing needs a diffusers model that supports gradient "
                          f"checkpointing; the {type(network).__name__} network does not.")  # fmt: skip
 
 

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from .errors import UserError
 from .processes import Process
 from .trigflow import (
     F_from_x0,
@@ -55,7 +56,7 @@ PREDICTION_FROM_X0 = {
 
 def check_prediction(prediction: str, supported: tuple[str, ...] = tuple(X0_FROM_PREDICTION)) -> Prediction:
     if prediction not in supported:
-        raise ValueError(f"prediction type '{prediction}' is not supported here; use one of {list(supported)}.")
+        raise UserError(f"prediction type '{prediction}' is not supported here; use one of {list(supported)}.")
     return prediction  # type: ignore[return-value]
 
 

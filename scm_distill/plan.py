@@ -30,6 +30,7 @@ from torch.overrides import TorchFunctionMode
 
 from .architectures import EXAMPLE_INPUTS, TEACHERS, Architecture
 from .config import DistillConfig
+from .errors import UserError
 from .lora import adapted_layers
 from .parallel import non_reentrant, unit_parameter_counts
 
@@ -63,7 +64,7 @@ def architecture_of(teacher: str) -> Architecture:
     folder = Path(teacher).expanduser()
     if (folder / "model_index.json").is_file():
         return local_architecture(folder)
-    raise ValueError(f"there is no published config of teacher '{teacher}' here; give a local pipeline folder or "
+    raise UserError(f"there is no published config of teacher '{teacher}' here; give a local pipeline folder or "
                      f"one of {sorted(TEACHERS)}.")  # fmt: skip
 
 

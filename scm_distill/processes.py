@@ -13,6 +13,7 @@ from typing import Literal, Protocol
 import torch
 from torch import Tensor
 
+from .errors import UserError
 from .trigflow import edm_alpha_sigma, flow_alpha_sigma_stable, flow_time, t_from_flow_time, vp_alpha_sigma
 
 
@@ -49,7 +50,7 @@ class VPProcess(torch.nn.Module):
         ab = alphas_cumprod.double()
         log_sigma_edm = 0.5 * (torch.log1p(-ab) - torch.log(ab))  # [T], increasing in tau
         if not bool((log_sigma_edm[1:] > log_sigma_edm[:-1]).all()):
-            raise ValueError("alphas_cumprod must be strictly decreasing to define a continuous teacher time.")
+            raise UserError("alphas_cumprod must be strictly decreasing to define a continuous teacher time.")
         self.register_buffer("log_sigma_edm", log_sigma_edm, persistent=False)
         self.sigma_d = sigma_d
         self.num_train_timesteps = ab.numel()
@@ -105,7 +106,7 @@ class SigmaProcess(torch.nn.Module):
         super().__init__()
         log_sigmas = torch.log(sigmas.double())
         if not bool((log_sigmas[1:] > log_sigmas[:-1]).all()):
-            raise ValueError("sigmas must be strictly increasing.")
+            raise UserError("sigmas must be strictly increasing.")
         self.register_buffer("log_sigmas", log_sigmas, persistent=False)
         self.sigma_d, self.time_input = sigma_d, time_input
         self.t_min = math.atan(math.exp(log_sigmas[0].item()) / sigma_d)

@@ -31,6 +31,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from .checkpoint import check_state_dict
 from .ema import EMA
+from .errors import UserError
 from .student import Student
 
 FORMAT_VERSION = 1
@@ -120,7 +121,7 @@ def read_facts(directory: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"checkpoint '{directory}' is missing or corrupted ({error.__class__.__name__}).") from None
+        raise UserError(f"checkpoint '{directory}' is missing or corrupted ({error.__class__.__name__}).") from None
 
 
 def check_resume(directory: Path, layout: str, virtual_ranks: int, world: int) -> None:
@@ -129,12 +130,12 @@ def check_resume(directory: Path, layout: str, virtual_ranks: int, world: int) -
     saved = facts.get("layout", REPLICATED)
     if saved != layout:
         wanted = "fsdp" if saved == SHARDED else "ddp"
-        raise ValueError(f"checkpoint '{directory}' is a {saved} checkpoint of a train.parallel {wanted} run; "
+        raise UserError(f"checkpoint '{directory}' is a {saved} checkpoint of a train.parallel {wanted} run; "
                          f"resume it with train.parallel {wanted}.")  # fmt: skip
     saved_ranks = facts.get("virtual_ranks", virtual_ranks)
     if saved_ranks != virtual_ranks:
         hint = f"train.grad_accum_steps {saved_ranks // world}" if saved_ranks % world == 0 else "other processes"
-        raise ValueError(f"checkpoint '{directory}' was trained with processes x train.grad_accum_steps = "
+        raise UserError(f"checkpoint '{directory}' was trained with processes x train.grad_accum_steps = "
                          f"{saved_ranks}, this run has {virtual_ranks}; resume the same run with {hint} on "
                          f"{world} process{'es' * (world > 1)}.")  # fmt: skip
 
@@ -145,13 +146,13 @@ def load_sharded_checkpoint(directory: Path, student: Student, ema: EMA, optimiz
     directory = Path(directory)
     facts = read_facts(directory)
     if facts.get("format_version") != FORMAT_VERSION or facts.get("layout") != SHARDED:
-        raise ValueError(f"checkpoint '{directory}' is not a sharded checkpoint of a known format version.")
+        raise UserError(f"checkpoint '{directory}' is not a sharded checkpoint of a known format version.")
     tensors, scalars = training_state(student, ema, optimizer)
     reader = dcp.HuggingFaceStorageReader(str(directory / SHARDS))
     try:
         stored = reader.read_metadata().state_dict_metadata
     except (OSError, ValueError, RuntimeError) as error:
-        raise ValueError(f"checkpoint '{directory}' is missing or corrupted ({error.__class__.__name__}).") from None
+        raise UserError(f"checkpoint '{directory}' is missing or corrupted ({error.__class__.__name__}).") from None
     saved = {key: torch.empty(meta.size, device="meta") for key, meta in stored.items()}
     check_state_dict(saved, flat_shapes(tensors), f"checkpoint '{directory}'")
     dcp.load(tensors, storage_reader=dcp.HuggingFaceStorageReader(str(directory / SHARDS)))
@@ -159,7 +160,7 @@ def load_sharded_checkpoint(directory: Path, student: Student, ema: EMA, optimiz
     set_model_state_dict(ema.module, tensors["ema"])
     hyper = {k: tuple(v) if isinstance(v, list) else v for k, v in facts["optimizer"].items()}
     if hyper.keys() != scalars.keys():
-        raise ValueError(f"checkpoint '{directory}' has an optimizer state that does not match the optimizer.")
+        raise UserError(f"checkpoint '{directory}' has an optimizer state that does not match the optimizer.")
     set_optimizer_state_dict(student, optimizer, {**tensors["optimizer"], **hyper}, options=FLAT)
     return facts
 

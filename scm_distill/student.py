@@ -19,6 +19,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from .errors import UserError
 from .parameterization import Condition, NativeModel, Prediction
 from .processes import VPProcess
 
@@ -99,7 +100,7 @@ def low_pass_time_embedding(network: nn.Module, max_frequency: float) -> int:
     the student to the teacher without them. Returns the number of channels removed."""
     time_proj, embedding = getattr(network, "time_proj", None), getattr(network, "time_embedding", None)
     if not hasattr(time_proj, "num_channels") or not isinstance(getattr(embedding, "linear_1", None), nn.Linear):
-        raise ValueError(f"student.time_embedding_max_frequency needs a network with a sinusoidal `time_proj` and a "
+        raise UserError(f"student.time_embedding_max_frequency needs a network with a sinusoidal `time_proj` and a "
                          f"`time_embedding.linear_1` (diffusers UNets); {type(network).__name__} has none.")
     keep = timestep_frequencies(time_proj) <= max_frequency
     linear = embedding.linear_1

@@ -3,8 +3,10 @@
 Works unchanged in one CPU process, on one GPU and under `accelerate launch` (DDP, or FSDP2 with
 `train.parallel: fsdp`, parallel.py). The JVP runs on the unwrapped student (through the DDP wrapper torch.func.jvp
 breaks on the second step; a sharded student is its own module); the gradient pass goes through the wrapper. Every
-micro-batch re-seeds its randomness from (seed, virtual rank, step) and draws its batch from a pure function of the
-step (accumulation.py), so `--resume latest` continues with exactly the losses of an uninterrupted run.
+micro-batch re-seeds its randomness (dropout included) from (seed, virtual rank, step) and draws its batch from a
+pure function of the step (accumulation.py), so `--resume latest` continues with exactly the losses of an
+uninterrupted run. Everything that can be checked (config, teacher, data, student, optimizer, output folder,
+checkpoint fingerprint) is checked before the run folder is touched; the folder is locked while the run trains.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import math
 import os
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,13 +25,25 @@ from accelerate import Accelerator, DistributedDataParallelKwargs
 from tqdm.auto import tqdm
 
 from .accumulation import gradient_sync, grouped, virtual_rank
-from .checkpoint import check_state_dict, checkpoint_name, load_checkpoint, prune_checkpoints, save_checkpoint
+from .checkpoint import (
+    check_state_dict,
+    checkpoint_name,
+    list_checkpoints,
+    load_checkpoint,
+    load_newest_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+)
 from .config import DistillConfig
 from .data import ImageSet, batch_indices, collate, load_images
 from .ema import EMA, ema_beta
+from .errors import Interrupted, NonFiniteError, UserError
 from .export.card import is_hub_id, teacher_license
 from .export.pipeline import export_pipeline
 from .families import ExportInfo, Teacher, load_teacher
+from .files import write_atomic
+from .fingerprint import check_fingerprint, resumable_changes, resumable_config, run_fingerprint
+from .finite import check_initial_weights, check_samples, check_weights
 from .generate import sampling_times, teacher_samples
 from .grids import labelled_rows, save_png, to_uint8
 from .objective import FRegressionLoss, SCDLoss
@@ -41,13 +56,13 @@ from .parallel import (
     enable_activation_checkpointing,
     single_process_note,
 )
-from .run_dir import check_output, start_run_dir
+from .run_dir import RUN_LAYOUT, Layout, check_output, make_output_folder, start_run_dir
+from .run_lock import RunLock
+from .seeded_dropout import SeededDropout, dropout_seed
 from .sharded_checkpoint import REPLICATED, SHARDED, check_resume, load_sharded_checkpoint, save_sharded_checkpoint
 from .student import Student, low_pass_time_embedding
 
-
-class NonFiniteError(RuntimeError):
-    """Too many consecutive steps had a non-finite loss or gradient."""
+__all__ = ["DistillResult", "NonFiniteError", "distill"]
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
@@ -85,14 +100,20 @@ class RunState:
     train_seconds: float = 0.0
 
 
-def setup(config: DistillConfig, accelerator: Accelerator, teacher: Teacher | None) -> tuple[Teacher, ImageSet]:
+def setup(config: DistillConfig, accelerator: Accelerator, teacher: Teacher | None,
+          trust_remote_code: bool = False) -> tuple[Teacher, ImageSet]:  # fmt: skip
     """Load and check the teacher and the data (before the output folder is touched)."""
     if teacher is None:
-        teacher = load_teacher(config.teacher, config.sigma_data, accelerator.device)
+        teacher = load_teacher(config.teacher, config.sigma_data, accelerator.device,
+                               trust_remote_code=trust_remote_code)  # fmt: skip
     teacher.configure(config)
     data = load_images(config.data.spec, split=config.data.split, resize_to=config.data.resize_to,
                        pad_to=config.data.pad_to, max_items=config.data.max_items)  # fmt: skip
-    teacher.prepare(data)
+    teacher.prepare(data)  # checks that the data fits the teacher first (a small data set is cheap to prepare)
+    global_batch = config.train.batch_size * accelerator.num_processes
+    if len(data) < global_batch:
+        raise UserError(f"data '{data.name}' has {len(data)} images, fewer than one batch of {global_batch} "
+                        f"(train.batch_size x {accelerator.num_processes} processes); lower --batch-size.")  # fmt: skip
     return teacher, data
 
 
@@ -104,8 +125,21 @@ def make_student(config: DistillConfig, teacher: Teacher) -> Student:
     return Student(model, config.student.logvar_channels)
 
 
-def restore(checkpoint: Path, student: Student, ema: EMA, optimizer: torch.optim.Optimizer) -> RunState:
-    weights, ema_weights, optimizer_state, state = load_checkpoint(checkpoint)
+def read_resume_checkpoint(run_dir: Path, resume: str) -> tuple[Path, tuple]:
+    """`latest` -> the newest checkpoint of the run that reads back; otherwise the checkpoint folder named."""
+    if resume == "latest":
+        return load_newest_checkpoint(run_dir)
+    path = Path(resume)
+    if not (path / "state.json").is_file():
+        raise UserError(f"--resume '{resume}' is not a checkpoint folder (no state.json).")
+    return path, load_checkpoint(path)
+
+
+def restore(checkpoint: Path, contents: tuple, student: Student, ema: EMA, optimizer: torch.optim.Optimizer,
+            fingerprint: dict) -> RunState:  # fmt: skip
+    """Load a checkpoint made by this same run (fingerprint) into the student, the EMA and the optimizer."""
+    weights, ema_weights, optimizer_state, state = contents
+    check_fingerprint(state.get("fingerprint"), fingerprint, checkpoint)
     check_state_dict(weights, student.state_dict(), f"checkpoint '{checkpoint}'")
     check_state_dict(ema_weights, ema.state_dict(), f"checkpoint '{checkpoint}' (EMA)")
     student.load_state_dict(weights)
@@ -113,8 +147,17 @@ def restore(checkpoint: Path, student: Student, ema: EMA, optimizer: torch.optim
     try:
         optimizer.load_state_dict(optimizer_state)
     except (ValueError, KeyError) as error:
-        raise ValueError(f"checkpoint '{checkpoint}' has an optimizer state that does not match ({error}).") from None
-    return RunState(**{k: state[k] for k in RunState.__dataclass_fields__})
+        raise UserError(f"checkpoint '{checkpoint}' has an optimizer state that does not match ({error}).") from None
+    try:
+        return RunState(**{k: state[k] for k in RunState.__dataclass_fields__})
+    except KeyError as error:
+        raise UserError(f"checkpoint '{checkpoint}' has a state.json without '{error.args[0]}'.") from None
+
+
+def check_stop_step(checkpoint: Path, state: RunState, total: int) -> None:
+    if state.step > total:
+        raise UserError(f"checkpoint '{checkpoint}' is at step {state.step}, beyond the {total} steps this run is set "
+                        f"to (conversion + train.max_steps); pass a larger --max-steps.")  # fmt: skip
 
 
 class SampleGrids:
@@ -163,7 +206,8 @@ class DistillResult:
 
 
 def distill(config: DistillConfig, resume: str | None = None, overwrite: bool = False,
-            teacher: Teacher | None = None) -> DistillResult:  # fmt: skip
+            teacher: Teacher | None = None, trust_remote_code: bool = False,
+            layout: Layout = RUN_LAYOUT) -> DistillResult:  # fmt: skip
     """Run sCD for `config` and export the EMA student to OUTPUT/pipeline. See the module docstring."""
     check_launcher(os.environ, config.train.parallel)
     # cpu=True without CUDA: under torchrun that is accelerate's multi-CPU (gloo) mode, not N independent runs
@@ -171,129 +215,236 @@ def distill(config: DistillConfig, resume: str | None = None, overwrite: bool = 
     accelerator = Accelerator(mixed_precision=config.train.mixed_precision, cpu=not torch.cuda.is_available(),
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
-    teacher, data = setup(config, accelerator, teacher)
+    teacher, data = setup(config, accelerator, teacher, trust_remote_code)
     train = config.train
     if train.activation_checkpointing:
         check_activation_checkpointing(teacher.model.network)
-    checkpoint = check_output(config, resume, overwrite)
-    layout = SHARDED if train.parallel == "fsdp" else REPLICATED
-    if checkpoint:
-        check_resume(checkpoint, layout, world * train.grad_accum_steps, world)
+    student = make_student(config, teacher).to(accelerator.device)
+    teacher.check_student(student.model.prediction)
+    check_initial_weights(student)
+    ema = EMA(student)
+    fingerprint = run_fingerprint(config, teacher, student)
+    if train.activation_checkpointing:
+        enable_activation_checkpointing(student.network)  # after the EMA copy: only the trained student recomputes
+    storage = SHARDED if train.parallel == "fsdp" else REPLICATED  # how checkpoints hold the weights
+    sharding = Sharding(accelerator.device, world, train.mixed_precision) if storage == SHARDED and world > 1 else None
+    if sharding:
+        sharding.shard(student, ema.module, teacher.model.network)
+    optimizer = make_optimizer([p for p in student.parameters() if p.requires_grad], config.optim)
+    check_output(config, resume, overwrite, layout)
+    accum = train.grad_accum_steps
+    convert_steps = train.convert_steps if student.model.prediction != teacher.model.prediction else 0
+    total = convert_steps + train.max_steps
+    state, resumes = RunState(), []
+    if resume:
+        checkpoint, saved = resume_from(Path(config.output), resume, storage, world, accum, student, ema, optimizer,
+                                        fingerprint)  # fmt: skip
+        state = RunState(**{k: saved[k] for k in RunState.__dataclass_fields__})
+        check_stop_step(checkpoint, state, total)
+        resumes = saved.get("resumes", []) + [{"step": state.step, "changes": resumable_changes(saved, config)}]
+    facts = {"fingerprint": fingerprint, "resumable": resumable_config(config), "resumes": resumes,
+             "layout": storage, "virtual_ranks": world * accum}  # the last two read by check_resume  # fmt: skip
     note = single_process_note(train.parallel, world)
     if note and main:
         print(note, file=sys.stderr)
     accelerator.wait_for_everyone()
-    run_dir = start_run_dir(config, checkpoint is not None, overwrite) if main else Path(config.output)
-    accelerator.wait_for_everyone()
+    run_dir, lock = Path(config.output), None
+    if main:  # everything above only read; from here on the run folder is written, by this process alone
+        make_output_folder(run_dir)
+        lock = RunLock(run_dir).acquire()
+    try:
+        if main:
+            start_run_dir(config, resume is not None, overwrite, layout)
+            truncate_log(run_dir / "log.jsonl", state.step)
+        accelerator.wait_for_everyone()
+        student_ddp, optimizer = (student, optimizer) if storage == SHARDED else accelerator.prepare(student, optimizer)
+        dropout = SeededDropout(student.model.network) if config.student.dropout > 0 else None
+        losses = {"convert": FRegressionLoss(teacher.model, config.objective),
+                  "scd": SCDLoss(teacher.model, config.objective)}  # fmt: skip
+        sample_here = main or sharding is not None  # sharded models sample on every process
+        grids = SampleGrids(config, teacher, accelerator.device) if sample_here and train.sample_every > 0 else None
+        order = StepBatches(len(data), state.step, total, train.batch_size, train.seed, rank, world, accum)
+        loader = torch.utils.data.DataLoader(data, batch_sampler=order, collate_fn=collate,
+                                             num_workers=train.num_workers)  # fmt: skip
+        bar = tqdm(total=total, initial=state.step, disable=not main, desc="distill", dynamic_ncols=True,
+                   mininterval=1 if sys.stderr.isatty() else 30)  # a log file gets a line every 30 s, not every step
+        shown_loss, started = math.nan, time.time() - state.train_seconds
 
-    student = make_student(config, teacher).to(accelerator.device)
-    ema = EMA(student)
-    if train.activation_checkpointing:
-        enable_activation_checkpointing(student.network)  # after the EMA copy: only the trained student recomputes
-    sharding = Sharding(accelerator.device, world, train.mixed_precision) if layout == SHARDED and world > 1 else None
-    if sharding:
-        sharding.shard(student, ema.module, teacher.model.network)
-    optimizer = make_optimizer([p for p in student.parameters() if p.requires_grad], config.optim)
-    if checkpoint and layout == SHARDED:
-        state = RunState(**{k: v for k, v in load_sharded_checkpoint(checkpoint, student, ema, optimizer).items()
-                            if k in RunState.__dataclass_fields__})  # fmt: skip
-    else:
-        state = restore(checkpoint, student, ema, optimizer) if checkpoint else RunState()
-    if main:
-        truncate_log(run_dir / "log.jsonl", state.step)
-    student_ddp, optimizer = (student, optimizer) if layout == SHARDED else accelerator.prepare(student, optimizer)
-
-    convert_steps = train.convert_steps if student.model.prediction != teacher.model.prediction else 0
-    total = convert_steps + train.max_steps
-    losses = {"convert": FRegressionLoss(teacher.model, config.objective),
-              "scd": SCDLoss(teacher.model, config.objective)}  # fmt: skip
-    sample_here = main or sharding is not None  # sharded models sample on every process
-    grids = SampleGrids(config, teacher, accelerator.device) if sample_here and train.sample_every > 0 else None
-    log = open(run_dir / "log.jsonl", "a") if main else None  # noqa: SIM115 - closed at the end of the loop
-    accum = train.grad_accum_steps
-    order = StepBatches(len(data), state.step, total, train.batch_size, train.seed, rank, world, accum)
-    loader = torch.utils.data.DataLoader(data, batch_sampler=order, collate_fn=collate, num_workers=train.num_workers)
-    bar = tqdm(total=total, initial=state.step, disable=not main, desc="distill", dynamic_ncols=True,
-               mininterval=1 if sys.stderr.isatty() else 30)  # a log file gets a line every 30 s, not every step
-    shown_loss, started = math.nan, time.time() - state.train_seconds
-
-    for batches in grouped(loader, accum):
-        step = state.step
-        phase = "convert" if step < convert_steps else "scd"
-        if step == convert_steps > 0:
-            ema.reset(student)  # the conversion is a warm start: the EMA averages sCD weights only
-        lr = learning_rate(step - convert_steps, config.optim, converting=phase == "convert")
-        micro_losses = []
-        for micro, batch in enumerate(batches):
-            generator = torch.Generator().manual_seed(step_seed(train.seed, virtual_rank(rank, micro, accum), step))
-            x0, condition = teacher.prepare_batch(batch, generator)
-            with gradient_sync(student_ddp, last_micro_batch=micro == accum - 1):
-                with accelerator.autocast():
-                    loss, _ = losses[phase](student, student_ddp, x0, condition, step - convert_steps, generator)
-                loss = loss.mean()
-                accelerator.backward(loss / accum)
-            micro_losses.append(loss.detach())
-        loss = torch.stack(micro_losses).mean()  # a non-finite micro-batch makes the step's loss non-finite
-        grad_norm = clip_grad_norm(student_ddp.parameters(), train_clip(config))  # global: the same on every rank
-        loss_value = accelerator.reduce(loss, "mean").item()
-        finite = math.isfinite(loss_value) and math.isfinite(float(grad_norm))
-        if finite:
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            optimizer.step()
-            global_batch = train.batch_size * world * accum
-            state.samples_seen += global_batch
-            ramp = state.samples_seen - (convert_steps * global_batch if phase == "scd" else 0)  # sCD samples
-            ema.update(student, ema_beta(global_batch, ramp, train.ema_halflife_kimg, train.ema_rampup_ratio))
-            state.skipped_in_a_row = 0
-        else:
-            state.skipped_total += 1
-            state.skipped_in_a_row += 1
-            if state.skipped_in_a_row >= train.max_nonfinite_in_a_row:
-                raise NonFiniteError(f"{state.skipped_in_a_row} steps in a row had a non-finite loss or gradient "
-                                     f"(at step {step}); lower optim.lr or check the teacher and data.")  # fmt: skip
-        optimizer.zero_grad(set_to_none=True)
-        state.step = step + 1
-        state.train_seconds = time.time() - started
-
-        shown_loss = loss_value if math.isnan(shown_loss) or not finite else 0.9 * shown_loss + 0.1 * loss_value
-        bar.set_postfix(phase=phase, loss=f"{shown_loss:.4f}", skipped=state.skipped_total, refresh=False)
-        bar.update(1)
-        if log and (state.step % train.log_every == 0 or state.step == total):
-            record = {"step": state.step, "phase": phase, "loss": loss_value, "grad_norm": float(grad_norm),
-                      "lr": lr, "skipped": state.skipped_total,
-                      "seconds": round(state.train_seconds, 3)}  # fmt: skip
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-        if grids and (state.step % train.sample_every == 0 or state.step == total):
-            grids.write(ema.module, run_dir / "samples" / f"{checkpoint_name(state.step)}.png", save=main)
-        if (train.checkpoint_every and state.step % train.checkpoint_every == 0) or state.step == total:
-            folder = run_dir / "checkpoints" / checkpoint_name(state.step)
-            facts = {**vars(state), "layout": layout, "virtual_ranks": world * accum}  # read by check_resume
-            if layout == SHARDED:
-                save_sharded_checkpoint(folder, student, ema, optimizer, facts, main)
+        def save(at: RunState) -> None:
+            folder = run_dir / "checkpoints" / checkpoint_name(at.step)
+            if storage == SHARDED:
+                save_sharded_checkpoint(folder, student, ema, optimizer, {**vars(at), **facts}, main)
             elif main:
-                save_checkpoint(folder, student.state_dict(), ema.state_dict(), optimizer.state_dict(), facts)
+                save_checkpoint(folder, student.state_dict(), ema.state_dict(), optimizer.state_dict(),
+                                {**vars(at), **facts})  # fmt: skip
             if main:
                 prune_checkpoints(run_dir, train.keep_checkpoints)
-            accelerator.wait_for_everyone()
-    bar.close()
-    if log:
-        log.close()
 
-    export_dir = run_dir / "pipeline"
-    exported = sharding.full(ema.module, main) if sharding else ema.module  # sharded: gathered to the main CPU
-    if main:
-        export_student(config, teacher, exported, export_dir, run_dir, state)
-    accelerator.wait_for_everyone()
-    return DistillResult(run_dir, export_dir, student, exported if main else ema.module, state)
+        log = open(run_dir / "log.jsonl", "a") if main else None  # noqa: SIM115 - closed in the finally below
+        try:
+            for batches in grouped(checked_batches(loader), accum):
+                step = state.step
+                phase = "convert" if step < convert_steps else "scd"
+                if step == convert_steps > 0:
+                    ema.reset(student)  # the conversion is a warm start: the EMA averages sCD weights only
+                lr = learning_rate(step - convert_steps, config.optim, converting=phase == "convert")
+                micro_losses = []
+                for micro, batch in enumerate(batches):
+                    seed_rank = virtual_rank(rank, micro, accum)
+                    generator = torch.Generator().manual_seed(step_seed(train.seed, seed_rank, step))
+                    x0, condition = teacher.prepare_batch(batch, generator)
+                    same_masks = dropout.step(dropout_seed(train.seed, seed_rank, step), accelerator.device) \
+                        if dropout else nullcontext()  # both passes of the step draw the same dropout masks
+                    with same_masks, gradient_sync(student_ddp, last_micro_batch=micro == accum - 1):
+                        with accelerator.autocast():
+                            loss, _ = losses[phase](student, student_ddp, x0, condition, step - convert_steps,
+                                                    generator)  # fmt: skip
+                        loss = loss.mean()
+                        accelerator.backward(loss / accum)
+                    micro_losses.append(loss.detach())
+                loss = torch.stack(micro_losses).mean()  # a non-finite micro-batch makes the step's loss non-finite
+                grad_norm = clip_grad_norm(student_ddp.parameters(), train_clip(config))  # the same on every rank
+                loss_value = accelerator.reduce(loss, "mean").item()
+                finite = math.isfinite(loss_value) and math.isfinite(float(grad_norm))
+                if finite:
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr
+                    optimizer.step()
+                    global_batch = train.batch_size * world * accum
+                    state.samples_seen += global_batch
+                    ramp = state.samples_seen - (convert_steps * global_batch if phase == "scd" else 0)  # sCD samples
+                    ema.update(student, ema_beta(global_batch, ramp, train.ema_halflife_kimg, train.ema_rampup_ratio))
+                    state.skipped_in_a_row = 0
+                else:
+                    state.skipped_total += 1
+                    state.skipped_in_a_row += 1
+                    if state.skipped_in_a_row >= train.max_nonfinite_in_a_row:
+                        raise NonFiniteError(f"{state.skipped_in_a_row} steps in a row had a non-finite loss or "
+                                             f"gradient (at step {step}); resume from the last checkpoint with a "
+                                             f"lower --set optim.lr=... or check the teacher and data.")  # fmt: skip
+                optimizer.zero_grad(set_to_none=True)
+                state.step = step + 1
+                state.train_seconds = time.time() - started
+                checkpoint_now = (train.checkpoint_every and state.step % train.checkpoint_every == 0) or \
+                    state.step == total
+                if state.step % train.log_every == 0 or checkpoint_now:
+                    check_weights({"student": student, "EMA student": ema.module}, state.step)
+
+                shown_loss = loss_value if math.isnan(shown_loss) or not finite else 0.9 * shown_loss + 0.1 * loss_value
+                bar.set_postfix(phase=phase, loss=f"{shown_loss:.4f}", skipped=state.skipped_total, refresh=False)
+                bar.update(1)
+                if log and (state.step % train.log_every == 0 or state.step == total):
+                    record = {"step": state.step, "phase": phase, "loss": loss_value, "grad_norm": float(grad_norm),
+                              "lr": lr, "skipped": state.skipped_total,
+                              "seconds": round(state.train_seconds, 3)}  # fmt: skip
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+                if grids and (state.step % train.sample_every == 0 or state.step == total):
+                    grids.write(ema.module, run_dir / "samples" / f"{checkpoint_name(state.step)}.png", save=main)
+                if checkpoint_now:
+                    save(state)
+                    accelerator.wait_for_everyone()
+        except KeyboardInterrupt:
+            raise Interrupted(interrupted_sentence(run_dir, state.step)) from None
+        except DataError as error:
+            save(state)  # the step that failed had not started: the state is that of the last completed step
+            raise UserError(f"{error} The run is saved at step {state.step}: fix the data, then continue with "
+                            f"--resume latest.") from None  # fmt: skip
+        finally:
+            bar.close()
+            if log:
+                log.close()
+
+        export_dir = run_dir / "pipeline"
+        check_weights({"student": student}, state.step)  # a collective when sharded: every rank checks
+        exported = sharding.full(ema.module, main) if sharding else ema.module  # sharded: gathered to the main CPU
+        if main:
+            check_weights({"EMA student": exported}, state.step)
+            check_samples(ema_samples(config, teacher, exported), state.step)
+            export_student(config, teacher, exported, export_dir, run_dir, state, convert_steps, world * accum)
+        accelerator.wait_for_everyone()
+        return DistillResult(run_dir, export_dir, student, exported if main else ema.module, state)
+    finally:
+        if lock:
+            lock.release()
+
+
+def resume_from(run_dir: Path, resume: str, storage: str, world: int, accum: int, student: Student, ema: EMA,
+                optimizer: torch.optim.Optimizer, fingerprint: dict) -> tuple[Path, dict]:  # fmt: skip
+    """Load the checkpoint to resume (replicated or sharded) after checking how it was stored and whose it is;
+    returns it and its state.json."""
+    if resume != "latest":
+        checkpoint = Path(resume)
+        if not (checkpoint / "state.json").is_file():
+            raise UserError(f"--resume '{resume}' is not a checkpoint folder (no state.json).")
+        check_resume(checkpoint, storage, world * accum, world)
+    if storage == SHARDED:
+        checkpoint = checkpoint if resume != "latest" else newest_checkpoint(run_dir)
+        check_resume(checkpoint, storage, world * accum, world)
+        saved = load_sharded_checkpoint(checkpoint, student, ema, optimizer)
+        check_fingerprint(saved.get("fingerprint"), fingerprint, checkpoint)
+        return checkpoint, saved
+    checkpoint, contents = read_resume_checkpoint(run_dir, resume)
+    check_resume(checkpoint, storage, world * accum, world)
+    restore(checkpoint, contents, student, ema, optimizer, fingerprint)
+    return checkpoint, contents[3]
+
+
+def newest_checkpoint(run_dir: Path) -> Path:
+    checkpoints = list_checkpoints(run_dir)
+    if not checkpoints:
+        raise UserError(f"there is no checkpoint to resume in '{run_dir}'.")
+    return checkpoints[-1]
+
+
+class DataError(UserError):
+    """An image the data loader could not read in the middle of a run."""
+
+
+def checked_batches(loader):
+    """The loader's batches; an unreadable image (UserError, also from a worker process) becomes a DataError."""
+    iterator = iter(loader)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except UserError as error:
+            text = str(error).strip()
+            if "Original Traceback" in text:  # re-raised from a DataLoader worker: keep the original sentence
+                text = text.splitlines()[-1].split(": ", 1)[-1]
+            raise DataError(text) from None
+        yield batch
+
+
+def interrupted_sentence(run_dir: Path, step: int) -> str:
+    saved = list_checkpoints(run_dir)
+    if saved:
+        return f"interrupted at step {step}; continue from {saved[-1].name} with --resume latest."
+    return f"interrupted at step {step}, before the first checkpoint; rerun with --overwrite to start over."
+
+
+def ema_samples(config: DistillConfig, teacher: Teacher, ema: Student) -> torch.Tensor:
+    """Two 2-step images of the EMA student's pipeline, [0, 1] floats (checked finite before the export)."""
+    generator = torch.Generator().manual_seed(config.train.seed)
+    return teacher.student_float_images(ema.network, sampler_info(config, ema), teacher.sample_inputs(2, generator),
+                                        2, torch.Generator().manual_seed(config.train.seed))  # fmt: skip
 
 
 def truncate_log(path: Path, step: int) -> None:
-    """Drop log records after the step a run resumes from (they are recomputed identically)."""
-    if path.is_file():
-        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-        path.write_text("".join(f"{line}\n" for line in kept))
+    """Drop log records after the step a run resumes from (they are recomputed identically) and a torn last line
+    (a run killed while writing it)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line)
+    write_atomic(path, "".join(f"{line}\n" for line in kept))
 
 
 def train_clip(config: DistillConfig) -> float:
@@ -301,13 +452,15 @@ def train_clip(config: DistillConfig) -> float:
 
 
 def export_student(config: DistillConfig, teacher: Teacher, student: Student, export_dir: Path, run_dir: Path,
-                   state: RunState) -> Path:  # fmt: skip
-    """Export the EMA student with the run's facts in the model card."""
+                   state: RunState, convert_steps: int, world: int) -> Path:  # fmt: skip
+    """Export the EMA student with the run's facts (the steps it actually trained) in the model card."""
     grids = sorted((run_dir / "samples").glob("*.png")) if (run_dir / "samples").is_dir() else []
+    batch = config.train.batch_size * world
     facts = {
         "teacher": config.export.base_model_id or Path(config.teacher).name,
         "data": Path(config.data.spec).name if Path(config.data.spec).exists() else config.data.spec,
-        "sCD steps x batch": f"{config.train.max_steps} x {config.train.batch_size}",
+        "conversion steps x batch": f"{min(state.step, convert_steps)} x {batch}",
+        "sCD steps x batch": f"{max(state.step - convert_steps, 0)} x {batch}",
         "training time": f"{state.train_seconds / 60:.1f} min",
         "skipped (non-finite) steps": state.skipped_total,
     }

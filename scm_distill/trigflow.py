@@ -16,6 +16,8 @@ import math
 import torch
 from torch import Tensor
 
+from .errors import UserError
+
 
 def expand_as(t: Tensor, x: Tensor) -> Tensor:
     """Reshape a per-sample scalar [B] so it broadcasts against x [B, ...]."""
@@ -138,7 +140,7 @@ def consistency_times(num_steps: int, t_max: float, t_mid: float) -> list[float]
     """Times at which a consistency model is evaluated: [t_max] for 1 step, [t_max, t_mid] for 2 steps (Sec. 5.2),
     and for more steps an even grid in t from t_max towards 0, the rule of diffusers' SCMScheduler."""
     if num_steps < 1:
-        raise ValueError(f"num_steps must be at least 1, got {num_steps}.")
+        raise UserError(f"num_steps must be at least 1, got {num_steps}.")
     if num_steps == 2:
         return [t_max, t_mid]
     return [t_max * (1 - i / num_steps) for i in range(num_steps)]

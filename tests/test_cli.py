@@ -106,17 +106,19 @@ def test_output_folder_rules(capsys, tiny_teacher, tmp_path):
     out = tmp_path / "o"
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
-    fails(capsys, "distill", "--teacher", str(tiny_teacher), "--data", "digits", "--output", str(out), *QUICK,
-          match="exists and is not a previous run; pass --overwrite")  # fmt: skip
+    run = ["distill", "--teacher", str(tiny_teacher), "--data", "digits", "--output", str(out), *QUICK]
+    fails(capsys, *run, match="holds files that are not a previous run; --overwrite only replaces a previous output")
+    fails(capsys, *run, "--overwrite", match="holds files that are not a previous run")  # never deletes them
     assert tree(out) == ["precious.txt"]
-    assert main(["distill", "--teacher", str(tiny_teacher), "--data", "digits", "--output", str(out), *QUICK,
-                 "--overwrite"]) == 0  # fmt: skip
-    assert not (out / "precious.txt").exists() and (out / "pipeline" / "model_index.json").is_file()
+    (out / "precious.txt").unlink()
+    assert main(run) == 0 and (out / "pipeline" / "model_index.json").is_file()
+    (out / "notes.txt").write_text("mine")  # a file of the user's inside a run folder survives --overwrite
+    assert main([*run, "--overwrite"]) == 0
+    assert (out / "notes.txt").read_text() == "mine" and (out / "pipeline" / "model_index.json").is_file()
     before = tree(out)
-    fails(capsys, "distill", "--teacher", str(tiny_teacher), "--data", "digits", "--output", str(out), *QUICK,
-          match="holds a previous run; pass --resume latest")  # fmt: skip
-    fails(capsys, "distill", "--teacher", str(tiny_teacher), "--data", "digits", "--output", str(out), *QUICK,
-          "--resume", "--set", "optim.lr=0.5", match="different config (optim.lr)")  # fmt: skip
+    fails(capsys, *run, match="holds a previous run; pass --resume latest")
+    fails(capsys, *run, "--resume", "--set", "objective.P_mean=-0.5",
+          match="different config (objective.P_mean: -1.0 there, -0.5 now)")  # fmt: skip
     assert tree(out) == before
 
 

@@ -134,6 +134,7 @@ def test_fashion_hub_fallback(tmp_path, monkeypatch):
         return datasets.Dataset.from_dict({"image": images, "label": [0, 1, 2]})
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    monkeypatch.setattr("scm_distill.data.hub.hub_unreachable", lambda: None)  # the network is faked, never probed
     data = load_images("fashion-mnist", split="test")
     assert calls == [("zalando-datasets/fashion_mnist", "test")]
     check_items(data, 3, (1, 28, 28))
@@ -147,6 +148,7 @@ def test_fashion_missing_everywhere_says_how_to_install(tmp_path, monkeypatch):
         raise ConnectionError("no network")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
+    monkeypatch.setattr("scm_distill.data.hub.hub_unreachable", lambda: None)
     with pytest.raises(FileNotFoundError, match="Hub.*apt-get install dataset-fashion-mnist") as info:
         load_images("fashion-mnist")
     assert str(tmp_path) in str(info.value)
@@ -307,6 +309,7 @@ def test_hub_columns_detected(monkeypatch):
         return table
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    monkeypatch.setattr("scm_distill.data.hub.hub_unreachable", lambda: None)
     data = load_images("hf:someone/pics:small", split="test", resize_to=4)
     assert calls == [("someone/pics", "small", "test")] and data.name == "hf:someone/pics:small"
     check_items(data, 3, (3, 4, 4))
@@ -321,7 +324,8 @@ def test_hub_offline_error_names_dataset(monkeypatch):
         raise ConnectionError("no network")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(ConnectionError, match="'someone/pics' could not be loaded .* Hub cannot be reached"):
+    monkeypatch.setattr("scm_distill.data.hub.hub_unreachable", lambda: None)
+    with pytest.raises(ValueError, match="'someone/pics' could not be loaded .* Hub cannot be reached"):
         load_images("hf:someone/pics")
 
 

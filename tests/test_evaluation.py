@@ -10,7 +10,7 @@ from scm_distill.evaluation.bench import BenchSettings, bench
 from scm_distill.evaluation.cost import dit_case, sd_unet_case, training_cost
 from scm_distill.evaluation.evaluate import EvalSettings, evaluate
 
-SMALL = EvalSettings(steps=(1, 2), teacher_steps=(2,), num_samples=12, batch_size=6)
+SMALL = EvalSettings(steps=(1, 2), teacher_steps=(2,), num_samples=12, batch_size=6, trust_remote_code=True)
 
 
 def test_evaluate_writes_metrics_report_curve_and_grids(tiny_run, tiny_teacher, tmp_path):
@@ -49,20 +49,21 @@ def test_evaluate_against_an_image_folder_given_by_path(tiny_run, tmp_path):
     for i, pixels in enumerate(np.random.default_rng(0).integers(0, 256, (16, 8, 8), dtype=np.uint8)):
         Image.fromarray(pixels).save(folder / f"{i:03d}.png")
     metrics = evaluate(tiny_run.export_dir, str(folder), tmp_path / "eval", None,
-                       EvalSettings(steps=(2,), teacher_steps=(), num_samples=8))  # fmt: skip
+                       EvalSettings(steps=(2,), teacher_steps=(), num_samples=8, trust_remote_code=True))  # fmt: skip
     assert metrics["num_reference"] == 16 and metrics["reference"] == str(folder)
     assert metrics["results"]["student@2"]["fid"] > 0
 
 
 def test_evaluate_resizes_the_reference_only_when_asked(tiny_run, tmp_path):
-    settings = EvalSettings(steps=(2,), teacher_steps=(), num_samples=8, resize_reference=True)
+    settings = EvalSettings(steps=(2,), teacher_steps=(), num_samples=8, resize_reference=True,
+                            trust_remote_code=True)
     metrics = evaluate(tiny_run.export_dir, "mnist5k", tmp_path / "e", None, settings)
     assert metrics["num_reference"] == 5000 and set(metrics["results"]) == {"student@2"}
 
 
 def test_bench_smoke(tiny_run, tiny_teacher, tmp_path):
     settings = BenchSettings(teacher_steps=5, throughput_batch=4, train_batch=4, resolutions=(8,), widths=(8,),
-                             repeats=1)  # fmt: skip
+                             repeats=1, trust_remote_code=True)  # fmt: skip
     results = bench(tiny_run.export_dir, tmp_path / "bench", str(tiny_teacher), settings)
     sampling = results["sampling"]["network_batch1"]
     assert sampling["teacher_steps"] == 5 and sampling["speedup_2_step"] > 0

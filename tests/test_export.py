@@ -88,6 +88,6 @@ def test_push_refuses_what_is_not_an_export(tmp_path, tiny_run):
 
 def test_sample_command_writes_a_grid(tiny_run, tmp_path):
     done = run_cli("sample", "--model", str(tiny_run.export_dir), "--num-images", "4", "--output",
-                   str(tmp_path / "grid.png"), cwd=REPO)  # fmt: skip
+                   str(tmp_path / "grid.png"), "--trust-remote-code", cwd=REPO)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "grid.png").stat().st_size > 0

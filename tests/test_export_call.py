@@ -78,7 +78,8 @@ def test_flux_export_is_fixed_by_its_generator_alone(flux):
     """FluxPipeline passes no generator to its scheduler; the export's scheduler seeds its re-noising from each
     sample's starting noise, so torch's global generator neither changes the samples nor is consumed."""
     _, export = flux
-    sampler, pipe = PipelineSampler(export, PROMPTS), load_export(export)
+    sampler = PipelineSampler(export, PROMPTS, trust_remote_code=True)
+    pipe = load_export(export, trust_remote_code=True)
     torch.manual_seed(123)
     state = torch.get_rng_state()
     got = sampler(2, 2, seed=7)
@@ -90,12 +91,12 @@ def test_flux_export_is_fixed_by_its_generator_alone(flux):
 
 def test_class_export_labels_come_from_the_seed(dit):
     _, export = dit
-    pipe = load_export(export)
+    pipe = load_export(export, trust_remote_code=True)
     classes = pipe.transformer.config.num_embeds_ada_norm
     labels = torch.randint(0, classes, (2,), generator=torch.Generator().manual_seed(3)).tolist()
     expected = call(pipe, {"class_labels": labels}, 2, 3)
-    assert torch.equal(PipelineSampler(export)(2, 2, seed=3), expected)
-    assert not torch.equal(PipelineSampler(export)(2, 2, seed=4), expected)
+    assert torch.equal(PipelineSampler(export, trust_remote_code=True)(2, 2, seed=3), expected)
+    assert not torch.equal(PipelineSampler(export, trust_remote_code=True)(2, 2, seed=4), expected)
 
 
 def test_unconditional_export_is_the_batch_call(tiny_run):
@@ -108,7 +109,7 @@ def test_prompt_errors_are_one_sentence(sd, tiny_run, tmp_path):
     with pytest.raises(ValueError, match="is a text-to-image pipeline; give prompts"):
         PipelineSampler(sd[1])
     with pytest.raises(ValueError, match="is a unconditional pipeline and takes no prompts"):
-        PipelineSampler(tiny_run.export_dir, PROMPTS)
+        PipelineSampler(tiny_run.export_dir, PROMPTS, trust_remote_code=True)
     with pytest.raises(ValueError, match="does not exist"):
         read_prompts(tmp_path / "missing.txt")
     (tmp_path / "empty.txt").write_text("\n  \n")
@@ -149,7 +150,8 @@ def test_teacher_guidance_scale_rules(sd, tiny_teacher, tiny_run):
     assert teacher_guidance(teacher, distilled, three) == 3.0 == teacher.default_scale
     with pytest.raises(ValueError, match="must be at least 1"):
         teacher_guidance(teacher, distilled, EvalSettings(teacher_guidance_scale=0.5))
-    plain, unguided = load_teacher(str(tiny_teacher)), PipelineSampler(tiny_run.export_dir).guidance_scale
+    plain = load_teacher(str(tiny_teacher))
+    unguided = PipelineSampler(tiny_run.export_dir, trust_remote_code=True).guidance_scale
     assert teacher_guidance(plain, unguided, EvalSettings()) is None
     with pytest.raises(ValueError, match="samples without guidance"):
         teacher_guidance(plain, unguided, EvalSettings(teacher_guidance_scale=2.0))

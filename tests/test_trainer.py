@@ -67,7 +67,8 @@ def test_non_finite_steps_are_skipped_and_stop_the_run(tmp_path):
     teacher = save_tiny_pipeline(tmp_path / "nan-teacher")
     path = teacher / "unet" / "diffusion_pytorch_model.safetensors"
     weights = load_file(path)
-    weights["conv_out.bias"] = torch.full_like(weights["conv_out.bias"], float("nan"))
+    # finite weights whose output overflows float32: every loss is inf (a NaN weight is refused before training)
+    weights["conv_out.bias"] = torch.full_like(weights["conv_out.bias"], torch.finfo(torch.float32).max)
     from safetensors.torch import save_file
 
     save_file(weights, path)

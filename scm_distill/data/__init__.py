@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 
+from ..errors import UserError
 from .builtin import BUILTINS, load_builtin
 from .hub import load_folder, load_hub
 from .imageset import ImageSet, TensorImageSet, check_compatible, collate
@@ -55,7 +56,7 @@ def load_images(
     """
     transform = Transform(resize_to=resize_to, pad_to=pad_to, center_crop=center_crop)
     if max_items is not None and max_items < 1:
-        raise ValueError(f"max_items must be a positive integer or None, got {max_items!r}")
+        raise UserError(f"max_items must be a positive integer or None, got {max_items!r}")
     if spec in BUILTINS:
         return load_builtin(spec, split, transform, max_items)
     if spec.startswith("hf:"):
@@ -63,7 +64,7 @@ def load_images(
     if os.path.isdir(os.path.expanduser(spec)):
         path = os.path.expanduser(spec)
         return load_folder(path, name=spec, split=split, transform=transform, max_items=max_items)
-    raise ValueError(
+    raise UserError(
         f"data spec {spec!r} is neither a built-in name ({', '.join(BUILTIN_NAMES)}), an existing folder of "
         "images in the imagefolder layout, nor 'hf:NAME[:CONFIG]' for a Hugging Face dataset"
     )

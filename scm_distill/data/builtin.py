@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import MissingFileError, UserError
 from .imageset import TensorImageSet, evenly_spaced
 from .transforms import Transform
 
@@ -43,7 +44,7 @@ Raw = tuple[np.ndarray, np.ndarray]  # images [N, H, W] uint8, labels [N] intege
 # Refuse splits other than "train" / "all" for the sets that have no held-out part.
 def whole_set_split(name: str, split: str, count: int) -> None:
     if split not in ("train", "all"):
-        raise ValueError(
+        raise UserError(
             f"'{name}' has no held-out split, so split {split!r} is refused: use 'train' or 'all' "
             f"(both are all {count:,} images)"
         )
@@ -79,7 +80,7 @@ def read_idx(path: Path) -> np.ndarray:
         data = f.read()
     ndim = data[3] if len(data) >= 4 else 0
     if len(data) < 4 or data[:2] != b"\0\0" or data[2] != IDX_UBYTE or ndim == 0:
-        raise ValueError(f"{path} is not an IDX file of unsigned bytes")
+        raise UserError(f"{path} is not an IDX file of unsigned bytes")
     dims = [int.from_bytes(data[4 + 4 * k : 8 + 4 * k], "big") for k in range(ndim)]
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
@@ -109,6 +110,10 @@ def read_fashion_idx(folder: Path, split: str) -> Raw | None:
 def read_fashion_hub(split: str) -> Raw:
     import datasets
 
+    from .hub import hub_unreachable
+
+    if not datasets.config.HF_HUB_OFFLINE and hub_unreachable():
+        raise ConnectionError("the Hub cannot be reached")  # fail at once, without datasets' minute of retries
     table = datasets.load_dataset(FASHION_HUB, split=split)
     images = np.stack([np.asarray(image.convert("L")) for image in table["image"]])
     return images, np.asarray(table["label"])
@@ -117,18 +122,18 @@ def read_fashion_hub(split: str) -> Raw:
 # Fashion-MNIST "train", "test" or "all" (train then test): IDX files first, the Hub second.
 def read_fashion(split: str) -> Raw:
     if split not in ("train", "test", "all"):
-        raise ValueError(f"'fashion-mnist' has splits 'train', 'test' and 'all', not {split!r}")
+        raise UserError(f"'fashion-mnist' has splits 'train', 'test' and 'all', not {split!r}")
     parts = ["train", "test"] if split == "all" else [split]
     raws = [read_fashion_idx(fashion_dir(), part) for part in parts]
     if any(raw is None for raw in raws):
         try:
             raws = [read_fashion_hub(part) for part in parts]
-        except ConnectionError as err:
-            raise FileNotFoundError(
+        except ConnectionError:
+            raise MissingFileError(
                 f"Fashion-MNIST was not found in {fashion_dir()} (set ${FASHION_ENV} to another folder) and "
                 f"the Hugging Face Hub ({FASHION_HUB}) cannot be reached; install it offline with "
                 "`apt-get install dataset-fashion-mnist`"
-            ) from err
+            ) from None
     return np.concatenate([r[0] for r in raws]), np.concatenate([r[1] for r in raws])
 
 

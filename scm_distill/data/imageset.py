@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset
 
+from ..errors import UserError
 from .transforms import to_signed_unit
 
 
@@ -18,7 +19,7 @@ def subset_indices(num_items: int, n: int | None, seed: int) -> torch.Tensor:
     if n is None or n >= num_items:
         return torch.arange(num_items)
     if n < 0:
-        raise ValueError(f"n must be non-negative or None, got {n}")
+        raise UserError(f"n must be non-negative or None, got {n}")
     generator = torch.Generator().manual_seed(seed)
     return torch.randperm(num_items, generator=generator)[:n].sort().values
 
@@ -175,7 +176,7 @@ def check_compatible(
     if tuple(images.resolution) != expected:
         hints.append("set data.resize_to or data.pad_to")
     hint = " and ".join(hints)
-    raise ValueError(
+    raise UserError(
         f"data '{images.name}' has {_describe(images.channels, images.resolution)} "
         f"but the {what} expects {_describe(channels, expected)}; {hint}"
     )

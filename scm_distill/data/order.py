@@ -15,6 +15,8 @@ from functools import lru_cache
 
 import torch
 
+from ..errors import UserError
+
 SEED_BITS = 32  # torch.Generator (CPU) uses only the low 32 bits of manual_seed's argument
 
 
@@ -33,13 +35,13 @@ def epoch_permutation(num_items: int, seed: int, epoch: int) -> torch.Tensor:
 
 def _check(step: int, batch_size: int, num_items: int, rank: int, world_size: int) -> None:
     if step < 0 or batch_size < 1 or world_size < 1:
-        raise ValueError(
+        raise UserError(
             f"need step >= 0, batch_size >= 1 and world_size >= 1, got {step}, {batch_size}, {world_size}"
         )
     if not 0 <= rank < world_size:
-        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        raise UserError(f"rank must be in [0, {world_size}), got {rank}")
     if num_items < batch_size * world_size:
-        raise ValueError(
+        raise UserError(
             f"the data has {num_items} items, fewer than one global batch ({batch_size} x {world_size} ranks)"
         )
 
@@ -62,6 +64,6 @@ def batch_indices(
     steps_per_epoch = num_items // global_batch
     epoch, position = divmod(step, steps_per_epoch)
     if epoch >= 1 << SEED_BITS:
-        raise ValueError(f"step {step} is beyond 2**32 epochs")
+        raise UserError(f"step {step} is beyond 2**32 epochs")
     start = position * global_batch + rank * batch_size
     return epoch_permutation(num_items, seed, epoch)[start : start + batch_size].clone()

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..errors import UserError
+
 GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
 HIGH_DEPTH_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
 RESIZE_CHUNK = 4096  # images interpolated at once (bounds the float32 copy)
@@ -114,7 +116,7 @@ class Transform:
         for field in ("resize_to", "pad_to"):
             value = getattr(self, field)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ValueError(f"{field} must be a positive integer or None, got {value!r}")
+                raise UserError(f"{field} must be a positive integer or None, got {value!r}")
 
     def output_size(self, h: int, w: int) -> tuple[int, int]:
         """(H, W) of an h x w image after the transform; raises when it does not fit into pad_to."""
@@ -124,7 +126,7 @@ class Transform:
                 h = w = self.resize_to
         if self.pad_to is not None:
             if h > self.pad_to or w > self.pad_to:
-                raise ValueError(
+                raise UserError(
                     f"an image of {h}x{w} (after resizing) does not fit into pad_to={self.pad_to}; "
                     f"raise pad_to or set resize_to"
                 )

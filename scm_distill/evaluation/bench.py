@@ -20,9 +20,12 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UserError
 from ..export.call import PipelineSampler
 from ..export.contract import DESCRIPTION_FILE, read_description
+from ..export.load import UntrustedCodeError
 from ..families import Teacher, load_teacher
+from ..files import check_writable_folder
 from .cost import CostCase, finite_difference_error, training_cost, unet2d_case
 from .speed import sampling_speed
 from .timing import measure
@@ -38,32 +41,36 @@ class BenchSettings:
     repeats: int = 3
     scaling: bool = True
     prompt: str = "a photograph of a cat"  # text-to-image pipelines are timed on this prompt
+    trust_remote_code: bool = False  # run Python code shipped in the export's / teacher's folder (its own pipeline)
 
 
 def export_times(folder: Path) -> tuple[float, float]:
     """(t_max, t_mid) of an export's 2-step sampler, from its description."""
     description = read_description(folder)
     if description is None:
-        raise ValueError(f"'{folder}' has no {DESCRIPTION_FILE}; it is not an scm-distill export.")
+        raise UserError(f"'{folder}' has no {DESCRIPTION_FILE}; it is not an scm-distill export.")
     t_max, t_mid = description.times["2"]
     return t_max, t_mid
 
 
 def end_to_end_ms(folder: str | Path, batch_size: int, steps: int, device: torch.device, repeats: int,
-                  prompt: str) -> float:  # fmt: skip
+                  prompt: str, trust_remote_code: bool = False) -> float:  # fmt: skip
     """Median time of a pipeline's own call (what a user times), output as tensors; text-to-image pipelines are
     called with `prompt`."""
-    sampler = PipelineSampler(folder, device=device, default_prompt=prompt)
+    sampler = PipelineSampler(folder, device=device, default_prompt=prompt, trust_remote_code=trust_remote_code)
     return measure(lambda: sampler(batch_size, steps), device, warmup=1, repeats=repeats).median_ms
 
 
-def readable_export(model: Path, device: torch.device) -> tuple[Teacher | None, str | None]:
-    """The export read back by its family adapter (UNet2D students are a DDPMPipeline), or None and why not."""
+def readable_export(model: Path, device: torch.device, trust_remote_code: bool) -> tuple[Teacher | None, str | None]:
+    """The export read back by its family adapter (UNet2D students are a DDPMPipeline), or None and why not (a
+    refusal of its code is raised)."""
     description = read_description(model)
     if description is None or description.family != "unet2d-vp":
         return None, "only UNet2D students are read back as a model"
     try:
-        return load_teacher(str(model), device=device), None
+        return load_teacher(str(model), device=device, trust_remote_code=trust_remote_code), None
+    except UntrustedCodeError:
+        raise
     except ValueError as error:
         return None, str(error)
 
@@ -74,14 +81,15 @@ def sampling_table(model: Path, student: Teacher | None, teacher: str | None, se
     table: dict = {"throughput_batch": big}
     if teacher is None:
         return table
-    teacher_e2e = end_to_end_ms(teacher, 1, settings.teacher_steps, device, settings.repeats, settings.prompt)
-    student_e2e = end_to_end_ms(model, 1, 2, device, settings.repeats, settings.prompt)
+    trust = settings.trust_remote_code
+    teacher_e2e = end_to_end_ms(teacher, 1, settings.teacher_steps, device, settings.repeats, settings.prompt, trust)
+    student_e2e = end_to_end_ms(model, 1, 2, device, settings.repeats, settings.prompt, trust)
     table["end_to_end_batch1"] = {"teacher_ms": teacher_e2e, "student_2_step_ms": student_e2e,
                                   "speedup_2_step": teacher_e2e / student_e2e}  # fmt: skip
     if student is None:
         return table
     t_max, t_mid = export_times(model)
-    reference = load_teacher(teacher, device=device)
+    reference = load_teacher(teacher, device=device, trust_remote_code=settings.trust_remote_code)
     for batch in (1, big):
         row = sampling_speed(reference.model, student.model, student.sample_shape, settings.teacher_steps, t_max,
                              t_mid, batch_size=batch, device=device, repeats=settings.repeats)  # fmt: skip
@@ -106,7 +114,8 @@ def scaling_cases(settings: BenchSettings, device: torch.device) -> list[CostCas
 
 def bench(model: Path, output: Path, teacher: str | None = None, settings: BenchSettings = BenchSettings()) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    student, unreadable = readable_export(model, device)
+    check_writable_folder(output, "--output")
+    student, unreadable = readable_export(model, device, settings.trust_remote_code)
     results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                "torch": torch.__version__, "model": str(model), "teacher": teacher,
                "sampling": sampling_table(model, student, teacher, settings, device),

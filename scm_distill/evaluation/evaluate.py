@@ -18,11 +18,14 @@ import torch
 import torch.nn.functional as F
 
 from ..data import load_images
+from ..errors import UserError
 from ..export.call import PipelineSampler
 from ..families import load_teacher
+from ..files import check_writable_folder, write_atomic
 from ..generate import teacher_samples
 from ..grids import labelled_rows, save_png, to_uint8
-from ..metrics import compute_metrics, resolve_feature_extractor
+from ..metrics import INCEPTION_V3, compute_metrics, resolve_feature_extractor
+from ..metrics.features import tensor_weights
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,7 @@ class EvalSettings:
     reference_split: str = "train"
     prompts: tuple[str, ...] | None = None  # text-to-image: the prompts, in order, cycled over the samples
     teacher_guidance_scale: float | None = None  # None: the scale the export was distilled at (when it says)
+    trust_remote_code: bool = False  # run Python code shipped in the export's / teacher's folder (its own pipeline)
 
 
 def reference_images(spec: str, shape: tuple[int, ...], settings: EvalSettings) -> tuple[torch.Tensor, str]:
@@ -45,11 +49,11 @@ def reference_images(spec: str, shape: tuple[int, ...], settings: EvalSettings) 
     data = load_images(spec, split=settings.reference_split)
     C, H, W = shape
     if data.channels != C:
-        raise ValueError(f"reference '{spec}' has {data.channels} channel(s) but the model makes {C}.")
+        raise UserError(f"reference '{spec}' has {data.channels} channel(s) but the model makes {C}.")
     images = data.uint8_images()
     if tuple(data.resolution) != (H, W):
         if not settings.resize_reference:
-            raise ValueError(f"reference '{spec}' is {data.resolution[0]}x{data.resolution[1]} but the model makes "
+            raise UserError(f"reference '{spec}' is {data.resolution[0]}x{data.resolution[1]} but the model makes "
                              f"{H}x{W}; pass --resize-reference to resize it (bilinear, antialiased).")  # fmt: skip
         images = F.interpolate(images.float(), size=(H, W), mode="bilinear", antialias=True, align_corners=False)
         images = images.round().clamp(0, 255).to(torch.uint8)
@@ -70,7 +74,7 @@ def teacher_images(teacher, steps: int, settings: EvalSettings) -> torch.Tensor:
     """uint8 samples of the teacher's own sampler; prompts (if any) in the same order as the student's."""
     prompts = settings.prompts
     if prompts and teacher.inputs_kind != "prompt":
-        raise ValueError(f"teacher '{teacher.source}' is not a text-to-image model; it takes no prompts.")
+        raise UserError(f"teacher '{teacher.source}' is not a text-to-image model; it takes no prompts.")
     chunks, done = [], 0
     while done < settings.num_samples:
         n = min(settings.batch_size, settings.num_samples - done)
@@ -91,10 +95,10 @@ def teacher_guidance(teacher, distilled: float | None, settings: EvalSettings) -
     without CFG."""
     given = settings.teacher_guidance_scale
     if given is not None and given < 1:
-        raise ValueError(f"--teacher-guidance-scale must be at least 1, got {given}.")
+        raise UserError(f"--teacher-guidance-scale must be at least 1, got {given}.")
     if not hasattr(teacher, "default_scale"):
         if given is not None:
-            raise ValueError(f"teacher '{teacher.source}' samples without guidance; drop --teacher-guidance-scale.")
+            raise UserError(f"teacher '{teacher.source}' samples without guidance; drop --teacher-guidance-scale.")
         return None
     teacher.default_scale = given or (distilled if distilled and distilled > 1 else teacher.default_scale)
     return teacher.default_scale
@@ -105,11 +109,14 @@ def evaluate(model: Path, reference: str, output: Path, teacher: str | None = No
     """Run the evaluation; returns the metrics dict that is also written to output/metrics.json."""
     model = Path(model)
     if settings.num_samples < 4:
-        raise ValueError(f"--num-samples must be at least 4 (covariance and 3-nearest-neighbour recall), "
+        raise UserError(f"--num-samples must be at least 4 (covariance and 3-nearest-neighbour recall), "
                          f"got {settings.num_samples}.")  # fmt: skip
     extractor, weights, note = resolve_feature_extractor(settings.feature_extractor, settings.inception_weights)
-    sampler = PipelineSampler(model, settings.prompts)
-    teacher_model = load_teacher(teacher) if teacher else None
+    if extractor == INCEPTION_V3:
+        tensor_weights(weights)  # a pickled payload is refused before anything is sampled
+    check_writable_folder(output, "--output")
+    sampler = PipelineSampler(model, settings.prompts, trust_remote_code=settings.trust_remote_code)
+    teacher_model = load_teacher(teacher, trust_remote_code=settings.trust_remote_code) if teacher else None
     guidance = teacher_guidance(teacher_model, sampler.guidance_scale, settings) if teacher_model else None
     shape = tuple(sampler(1, min(settings.steps), settings.seed).shape[1:])  # one image: the export's output shape
     ref, ref_name = reference_images(reference, shape, settings)
@@ -135,12 +142,13 @@ def nfe(name: str) -> int:
 
 
 def write_evaluation(output: Path, metrics: dict, sets: dict) -> None:
-    (output / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_atomic(output / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     rows = "\n".join(f"| {name} | {nfe(name)} | {r['fid']:.3f} | {r.get('kid_mean', math.nan):.5f} | "
                      f"{r.get('precision', math.nan):.3f} | {r.get('recall', math.nan):.3f} |"
                      for name, r in metrics["results"].items())  # fmt: skip
     note = f"\n{metrics['feature_note']}\n" if metrics["feature_note"] else ""
-    (output / "report.md").write_text(
+    write_atomic(
+        output / "report.md",
         f"# Evaluation of `{metrics['model']}`\n\nReference: {metrics['reference']} ({metrics['num_reference']} "
         f"images); {metrics['num_samples']} samples per sampler; feature space: **{metrics['feature_extractor']}**."
         f"\n{note}\n| sampler | network evaluations | FID | KID | precision | recall |\n|---|---|---|---|---|---|\n"

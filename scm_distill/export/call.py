@@ -18,6 +18,7 @@ from typing import Literal
 
 import torch
 
+from ..errors import UserError
 from ..families.base import images_to_uint8
 from .contract import read_description
 from .load import load_export
@@ -31,7 +32,7 @@ def conditioning_of(pipe) -> Conditioning:
     for name, kind in (("batch_size", "unconditional"), ("class_labels", "class"), ("prompt", "text")):
         if name in parameters:
             return kind
-    raise ValueError(f"{type(pipe).__name__} takes neither batch_size, class_labels nor prompt; it is not a "
+    raise UserError(f"{type(pipe).__name__} takes neither batch_size, class_labels nor prompt; it is not a "
                      f"pipeline scm-distill can sample.")  # fmt: skip
 
 
@@ -39,10 +40,10 @@ def read_prompts(path: str | Path) -> tuple[str, ...]:
     """Non-empty lines of a text file, one prompt each."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"prompts file '{path}' does not exist.")
+        raise UserError(f"prompts file '{path}' does not exist.")
     prompts = tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
     if not prompts:
-        raise ValueError(f"prompts file '{path}' has no prompts (one per line).")
+        raise UserError(f"prompts file '{path}' has no prompts (one per line).")
     return prompts
 
 
@@ -56,7 +57,7 @@ class PipelineSampler:
 
     def __init__(self, folder: str | Path, prompts: tuple[str, ...] | None = None,
                  device: torch.device | None = None, default_prompt: str | None = None,
-                 trust_remote_code: bool | None = None):  # fmt: skip
+                 trust_remote_code: bool = False):  # fmt: skip
         self.folder = Path(folder)
         self.description = read_description(self.folder)
         self.pipe = load_export(self.folder, trust_remote_code=trust_remote_code)
@@ -67,10 +68,10 @@ class PipelineSampler:
         if self.conditioning == "text" and not prompts and default_prompt is not None:
             prompts = (default_prompt,)
         if self.conditioning == "text" and not prompts:
-            raise ValueError(f"'{self.folder}' is a text-to-image pipeline; give prompts (--prompts FILE, one per "
+            raise UserError(f"'{self.folder}' is a text-to-image pipeline; give prompts (--prompts FILE, one per "
                              f"line).")  # fmt: skip
         if self.conditioning != "text" and prompts:
-            raise ValueError(f"'{self.folder}' is a {self.conditioning} pipeline and takes no prompts.")
+            raise UserError(f"'{self.folder}' is a {self.conditioning} pipeline and takes no prompts.")
         self.prompts = tuple(prompts or ())
 
     @property

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from ..errors import UserError
 from .contract import DESCRIPTION_FILE, ExportDescription, description_text, read_description, usage
 
 CARD_BODY = """
@@ -105,7 +106,7 @@ def refresh_card_facts(folder: Path, facts: dict) -> None:
     folder = Path(folder)
     description = read_description(folder)
     if description is None:
-        raise ValueError(f"'{folder}' has no {DESCRIPTION_FILE}; it is not an scm-distill export.")
+        raise UserError(f"'{folder}' has no {DESCRIPTION_FILE}; it is not an scm-distill export.")
     description = dataclasses.replace(description, facts={**description.facts, **facts})
     card = render_card(description, grid=(folder / "samples.png").is_file())
     for name, text in ((DESCRIPTION_FILE, description_text(description)), ("README.md", card)):

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import __version__
+from ..errors import UserError
 
 DESCRIPTION_FILE = "scm_distill.json"
 FORMAT_VERSION = 1
@@ -70,9 +71,9 @@ def read_description(folder: str | Path) -> ExportDescription | None:
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError:
-        raise ValueError(f"'{path}' is not valid JSON.") from None
+        raise UserError(f"'{path}' is not valid JSON.") from None
     if data.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"'{path}' has format version {data.get('format_version')}, this scm-distill reads "
+        raise UserError(f"'{path}' has format version {data.get('format_version')}, this scm-distill reads "
                          f"{FORMAT_VERSION}.")  # fmt: skip
     known = {f.name for f in dataclasses.fields(ExportDescription)}
     data = {k: v for k, v in data.items() if k in known}

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..checkpoint import check_state_dict
+from ..errors import UserError
 from ..parameterization import NativeModel, NetworkCall
 from ..processes import SigmaProcess, VPProcess
 from ..trigflow import consistency_times
@@ -83,7 +84,7 @@ class ModulePipeline:
     def from_pretrained(cls, folder, network: nn.Module, call: NetworkCall = plain_call) -> ModulePipeline:
         folder = Path(folder)
         if not (folder / READING_FILE).is_file():
-            raise ValueError(f"'{folder}' is not the export of a module student (no {READING_FILE}).")
+            raise UserError(f"'{folder}' is not the export of a module student (no {READING_FILE}).")
         weights = load_file(folder / WEIGHTS_FILE)
         check_state_dict(weights, network.state_dict(), f"the student weights in '{folder}'")
         network.load_state_dict(weights)

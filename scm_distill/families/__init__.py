@@ -1,6 +1,8 @@
 """Teacher families and `load_teacher`: a path or Hub id -> the adapter of its family.
 
-Adding a family = one module with a `Teacher` subclass, registered in FAMILIES.
+Adding a family = one module with a `Teacher` subclass, registered in FAMILIES. Before a family loads anything,
+`load_teacher` refuses a folder that ships Python code (unless trusted), a component without its folder, and
+weight files whose safetensors headers are damaged or truncated, each with one sentence.
 """
 
 from __future__ import annotations
@@ -8,7 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
+from ..errors import MissingFileError, UserError
+from ..export.load import check_trusted
+from ..fingerprint import safetensors_header
 from .base import ExportInfo, Teacher, read_model_index
 from .dit import DiTTeacher
 from .edm import EDMStableDiffusionXLTeacher
@@ -33,10 +39,11 @@ def resolve_folder(source: str) -> Path:
     path = Path(source).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise ValueError(f"teacher '{source}' is a file, not a pipeline folder.")
+            raise UserError(f"teacher '{source}' is a file, not a pipeline folder.")
         return path
     if source.startswith((".", "/", "~")) or source.count("/") != 1:
-        raise ValueError(f"teacher '{source}' does not exist (not a local folder and not a Hub id 'owner/name').")
+        raise MissingFileError(f"teacher '{source}' does not exist (not a local folder and not a Hub id "
+                               f"'owner/name').")  # fmt: skip
     from huggingface_hub import snapshot_download
 
     try:
@@ -46,7 +53,7 @@ def resolve_folder(source: str) -> Path:
     try:
         return Path(snapshot_download(source))
     except Exception as error:  # noqa: BLE001 - any hub/network failure is one message
-        raise ValueError(f"teacher '{source}' is not a local folder and could not be fetched from the Hugging "
+        raise UserError(f"teacher '{source}' is not a local folder and could not be fetched from the Hugging "
                          f"Face Hub ({error.__class__.__name__}; offline?).") from None  # fmt: skip
 
 
@@ -58,16 +65,43 @@ def family_of(model_index: dict, source: str) -> type[Teacher]:
     if matching:
         return matching[0]
     name = model_index.get("_class_name", "?")
-    raise ValueError(f"teacher '{source}' is a {name} pipeline, a family not supported yet; supported: "
+    raise UserError(f"teacher '{source}' is a {name} pipeline, a family not supported yet; supported: "
                      f"{supported_families()}.")  # fmt: skip
 
 
+def check_components(folder: Path, model_index: dict, source: str) -> None:
+    """Every component model_index.json names has its folder, and every weight file a complete header."""
+    for name, entry in model_index.items():
+        if name.startswith("_") or not (isinstance(entry, list) and len(entry) == 2 and entry[0] and entry[1]):
+            continue
+        if not (folder / name).is_dir():
+            raise UserError(f"teacher '{source}' names a '{name}' component in model_index.json but has no "
+                            f"'{name}/' folder.")  # fmt: skip
+        for weights in sorted((folder / name).glob("*.safetensors")):
+            safetensors_header(weights)
+
+
+# what diffusers / safetensors raise on damaged files not checked beforehand (diffusers wraps bad JSON in OSError)
+LOAD_ERRORS = (OSError, SafetensorError)
+
+
 def load_teacher(source: str, sigma_d: float = 0.5, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32) -> Teacher:  # fmt: skip
-    """Load a teacher pipeline and wrap it in its family's adapter."""
+                 dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> Teacher:  # fmt: skip
+    """Load a teacher pipeline and wrap it in its family's adapter; a folder that ships Python code is refused
+    unless `trust_remote_code` (no family runs such code, but the folder's author meant it to be run)."""
     folder = resolve_folder(source)
-    family = family_of(read_model_index(folder), source)
-    return family.from_pretrained(folder, source, sigma_d, torch.device(device), dtype)
+    model_index = read_model_index(folder)
+    check_trusted(folder, model_index, trust_remote_code, what="teacher")
+    family = family_of(model_index, source)
+    check_components(folder, model_index, source)
+    try:
+        return family.from_pretrained(folder, source, sigma_d, torch.device(device), dtype)
+    except UserError:
+        raise
+    except LOAD_ERRORS as error:
+        reason = " ".join(str(error).split())[:200]
+        raise UserError(f"teacher '{source}' could not be loaded; a config or weight file is damaged or does not "
+                        f"match ({error.__class__.__name__}: {reason}).") from None  # fmt: skip
 
 
 __all__ = ["FAMILIES", "ExportInfo", "Teacher", "load_teacher", "supported_families"]

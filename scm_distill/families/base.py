@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..errors import UserError
 from ..parameterization import Condition, NativeModel, Prediction
 from ..student import student_model
 
@@ -78,10 +79,11 @@ class Teacher(ABC):
         """Called once with the run's config before `prepare`: families read their sections (guidance, LoRA, latent
         cache) and raise one-sentence errors for settings the model cannot take, before anything is written."""
         if config.lora.rank:
-            raise ValueError(f"LoRA distillation is not supported for {self.family} teachers; set lora.rank 0.")
+            raise UserError(f"LoRA distillation is not supported for {self.family} teachers; set lora.rank 0.")
 
     def check_student(self, prediction: Prediction | None) -> None:
-        """One-sentence error, before anything is written, for a student parameterization the export cannot hold."""
+        """Called with the student's prediction before anything is written: raise a one-sentence error when this
+        family cannot export such a student (default: every prediction exports)."""
         return None
 
     def prepare(self, images: Any) -> None:
@@ -148,14 +150,19 @@ class Teacher(ABC):
                                  **fields)  # fmt: skip
 
     @torch.no_grad()
-    def student_images(self, network: torch.nn.Module, info: ExportInfo, inputs: Inputs, steps: int,
-                       generator: torch.Generator) -> Tensor:  # fmt: skip
-        """uint8 images [B, C, H, W] of the student's pipeline: exactly what its export gives for the same call."""
+    def student_float_images(self, network: torch.nn.Module, info: ExportInfo, inputs: Inputs, steps: int,
+                             generator: torch.Generator) -> Tensor:  # fmt: skip
+        """Images [B, H, W, C] in [0, 1] (float) of the student's pipeline, as its export's `output_type="np"`."""
         pipe = self.student_pipeline(network, info)
         pipe.set_progress_bar_config(disable=True)
         out = pipe(**inputs, **self.call_overrides(network), num_inference_steps=steps, generator=generator,
                    output_type="np").images  # fmt: skip
-        return images_to_uint8(out)
+        return torch.as_tensor(np.ascontiguousarray(out))
+
+    def student_images(self, network: torch.nn.Module, info: ExportInfo, inputs: Inputs, steps: int,
+                       generator: torch.Generator) -> Tensor:  # fmt: skip
+        """uint8 images [B, C, H, W] of the student's pipeline: exactly what its export gives for the same call."""
+        return images_to_uint8(self.student_float_images(network, info, inputs, steps, generator))
 
     def lora_adapters(self, network: torch.nn.Module):
         """(pipeline class, component name) of the LoRA file written for the original teacher; None without LoRA."""
@@ -171,11 +178,11 @@ def images_to_uint8(images: np.ndarray | Tensor) -> Tensor:
 def read_model_index(folder: Path) -> dict:
     path = Path(folder) / "model_index.json"
     if not path.is_file():
-        raise ValueError(f"'{folder}' is not a diffusers pipeline folder (no model_index.json).")
+        raise UserError(f"'{folder}' is not a diffusers pipeline folder (no model_index.json).")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError:
-        raise ValueError(f"'{path}' is not valid JSON.") from None
+        raise UserError(f"'{path}' is not valid JSON.") from None
 
 
 def component_class(model_index: dict, name: str) -> str | None:

@@ -23,6 +23,7 @@ import torch
 from diffusers.models.embeddings import LabelEmbedding
 from torch import Tensor
 
+from ..errors import UserError
 from ..export.contract import ExportDescription
 from ..export.templates.pipeline_scm_dit import SCMDiTPipeline
 from ..guidance import GuidedModel
@@ -100,22 +101,22 @@ class DiTTeacher(GuidedLatentTeacher):
 
     def check_data(self, images) -> None:
         if images.num_classes is None:
-            raise ValueError(f"the teacher is class-conditional but data '{images.name}' has no labels (an image "
+            raise UserError(f"the teacher is class-conditional but data '{images.name}' has no labels (an image "
                              f"folder needs one subfolder per class).")  # fmt: skip
         if images.num_classes > self.num_classes:
-            raise ValueError(f"data '{images.name}' has {images.num_classes} classes but the teacher knows "
+            raise UserError(f"data '{images.name}' has {images.num_classes} classes but the teacher knows "
                              f"{self.num_classes} (labels 0 to {self.num_classes - 1}); use at most "
                              f"{self.num_classes} class folders.")  # fmt: skip
         expected = self.default_resolution()
         if tuple(images.resolution) != expected:
             h, w = images.resolution
-            raise ValueError(f"data '{images.name}' is {h}x{w} but the teacher generates {expected[0]}x{expected[1]} "
+            raise UserError(f"data '{images.name}' is {h}x{w} but the teacher generates {expected[0]}x{expected[1]} "
                              f"images; set data.resize_to {expected[0]}.")  # fmt: skip
         self.space.check_images(images)
 
     def check_student(self, prediction) -> None:
         if prediction not in (None, "v_prediction"):
-            raise ValueError(f"the DiT export reads a v_prediction student, not {prediction}.")
+            raise UserError(f"the DiT export reads a v_prediction student, not {prediction}.")
 
     # --- conditions ----------------------------------------------------------------------------------------
 

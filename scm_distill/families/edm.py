@@ -28,6 +28,7 @@ import diffusers
 import torch
 from torch import Tensor
 
+from ..errors import UserError
 from ..export.contract import ExportDescription
 from ..export.templates.scheduling_scm_edm import SCMEDMScheduler
 from ..guidance import GuidedModel
@@ -71,7 +72,7 @@ class EDMStableDiffusionXLTeacher(StableDiffusionXLTeacher):
         scheduler = self.pipe.scheduler
         prediction = scheduler.config.prediction_type
         if prediction not in ("epsilon", "v_prediction"):
-            raise ValueError(f"the teacher's {type(scheduler).__name__} has prediction type '{prediction}'; EDM "
+            raise UserError(f"the teacher's {type(scheduler).__name__} has prediction type '{prediction}'; EDM "
                              f"preconditioning is defined for 'epsilon' and 'v_prediction'.")  # fmt: skip
         return GuidedModel(self.unet, edm_process(scheduler, sigma_d), "sample", sigma_d,
                            edm_call(base_call(unet_call), scheduler))  # fmt: skip
@@ -83,7 +84,7 @@ class EDMStableDiffusionXLTeacher(StableDiffusionXLTeacher):
 
     def check_student(self, prediction) -> None:
         if prediction not in (None, "sample"):
-            raise ValueError(f"the EDM export reads the preconditioned denoiser, not {prediction}; leave "
+            raise UserError(f"the EDM export reads the preconditioned denoiser, not {prediction}; leave "
                              f"student.prediction auto.")  # fmt: skip
 
     def student_call(self) -> NetworkCall:

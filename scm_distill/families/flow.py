@@ -21,6 +21,7 @@ from typing import ClassVar
 import diffusers
 import torch
 
+from ..errors import UserError
 from ..export.contract import ExportDescription
 from ..export.templates.scheduling_scm_flow import SCMFlowMatchScheduler
 from ..guidance import GuidedModel
@@ -49,11 +50,11 @@ def flow_schedule(config: dict) -> tuple[float, float, bool]:
         shift, dynamic = config.get("shift", 1.0), bool(config.get("use_dynamic_shifting", False))
     elif name == "DPMSolverMultistepScheduler" and config.get("use_flow_sigmas"):
         if config.get("prediction_type") != "flow_prediction":
-            raise ValueError(f"scheduler '{name}' uses flow sigmas but prediction type "
+            raise UserError(f"scheduler '{name}' uses flow sigmas but prediction type "
                              f"'{config.get('prediction_type')}'; expected 'flow_prediction'.")  # fmt: skip
         shift, dynamic = config.get("flow_shift", 1.0), False
     else:
-        raise ValueError(f"scheduler '{name}' is not a flow-matching scheduler this adapter understands; supported: "
+        raise UserError(f"scheduler '{name}' is not a flow-matching scheduler this adapter understands; supported: "
                          f"{', '.join(FLOW_SCHEDULERS)}.")  # fmt: skip
     u = 1 / steps  # the smallest training time, shifted as the scheduler shifts it
     return shift, shift * u / (1 + (shift - 1) * u), dynamic
@@ -130,7 +131,7 @@ class FlowTeacher(GuidedLatentTeacher):
 
     def check_student(self, prediction) -> None:
         if prediction not in (None, "flow"):
-            raise ValueError(f"the flow exports read a flow student, not {prediction}.")
+            raise UserError(f"the flow exports read a flow student, not {prediction}.")
 
     # --- the student's pipeline ------------------------------------------------------------------------------
 

@@ -27,6 +27,7 @@ import torch
 from diffusers import FluxTransformer2DModel
 from torch import Tensor
 
+from ..errors import UserError
 from ..parameterization import Condition
 from .base import Inputs
 from .flow import FlowTeacher
@@ -96,7 +97,7 @@ class FluxTeacher(FlowTeacher):
     def __init__(self, pipe, source: str, folder: Path, sigma_d: float):
         vae_channels, channels = pipe.vae.config.latent_channels, pipe.transformer.config.in_channels
         if channels != 4 * vae_channels:
-            raise ValueError(f"teacher '{source}' packs 2x2 latent patches into {channels} channels but its VAE has "
+            raise UserError(f"teacher '{source}' packs 2x2 latent patches into {channels} channels but its VAE has "
                              f"{vae_channels} latent channels (x4 = {4 * vae_channels}).")  # fmt: skip
         super().__init__(pipe, source, folder, sigma_d)
 
@@ -118,7 +119,7 @@ class FluxTeacher(FlowTeacher):
         step = 2 * self.space.downsampling
         h, w = images.resolution
         if h % step or w % step:
-            raise ValueError(f"data '{images.name}' is {h}x{w} but FLUX packs 2x2 latent patches, so its sizes must "
+            raise UserError(f"data '{images.name}' is {h}x{w} but FLUX packs 2x2 latent patches, so its sizes must "
                              f"be multiples of {step}; set data.resize_to.")  # fmt: skip
 
     @torch.no_grad()

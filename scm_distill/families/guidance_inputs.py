@@ -19,6 +19,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from torch import Tensor, nn
 
+from ..errors import UserError
 from ..export.templates.scm_guidance import SCMGuidanceEmbedding
 from ..student import set_dropout
 
@@ -28,7 +29,7 @@ def unet_with_guidance_input(unet: UNet2DConditionModel, embedding_dim: int) -> 
     student = UNet2DConditionModel.from_config(unet.config, time_cond_proj_dim=embedding_dim)
     missing, unexpected = student.load_state_dict(unet.state_dict(), strict=False)
     if unexpected or set(missing) != {"time_embedding.cond_proj.weight"}:
-        raise ValueError(f"the teacher's UNet cannot take a guidance input (missing {missing}, unexpected "
+        raise UserError(f"the teacher's UNet cannot take a guidance input (missing {missing}, unexpected "
                          f"{unexpected}).")  # fmt: skip
     torch.nn.init.zeros_(student.time_embedding.cond_proj.weight)
     return student.to(device=unet.device, dtype=unet.dtype)
@@ -83,7 +84,7 @@ def rebuilt_with_guidance_embedding(transformer: nn.Module, embedding: str, weig
     student = type(transformer).from_config(transformer.config, guidance_embeds=True)
     missing, unexpected = student.load_state_dict(weights or transformer.state_dict(), strict=False)
     if unexpected or not all(key.startswith(f"{embedding}.guidance_embedder.") for key in missing):
-        raise ValueError(f"the {type(transformer).__name__} cannot take a guidance embedding (missing {missing}, "
+        raise UserError(f"the {type(transformer).__name__} cannot take a guidance embedding (missing {missing}, "
                          f"unexpected {unexpected}).")  # fmt: skip
     last = student.get_submodule(f"{embedding}.guidance_embedder.linear_2")
     torch.nn.init.zeros_(last.weight)

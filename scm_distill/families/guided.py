@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import Tensor
 
+from ..errors import UserError
 from ..guidance import expand_condition, guidance_range, sample_guidance_scales
 from ..lora import add_lora, check_lora, has_lora, merged_copy
 from ..parameterization import Condition, NativeModel, Prediction
@@ -93,7 +94,7 @@ class GuidedLatentTeacher(Teacher):
             s_max = guidance.s_max if guidance.s_max is not None else max(2.0, self.default_scale)
             self.scales = guidance_range(guidance.s_min, s_max)
             if not self.scales[0] <= self.default_scale <= self.scales[1]:
-                raise ValueError(f"the export's default guidance scale {self.default_scale} lies outside the training "
+                raise UserError(f"the export's default guidance scale {self.default_scale} lies outside the training "
                                  f"range [{self.scales[0]}, {self.scales[1]}]; set guidance.s_min / guidance.s_max "
                                  f"around it.")  # fmt: skip
         self.negative_prompt, self.prompts, self.embedding_dim = guidance.negative_prompt, tuple(guidance.prompts), \
@@ -106,7 +107,7 @@ class GuidedLatentTeacher(Teacher):
         (its call cannot change it), else guidance.scale or OWN_PIPELINE_DEFAULT_SCALE."""
         stock = self.stock_guidance if not self.fixed_scale else None
         if stock is not None and requested is not None and requested != stock:
-            raise ValueError(f"the export is a stock {self.pipeline_name}, whose call defaults to guidance_scale "
+            raise UserError(f"the export is a stock {self.pipeline_name}, whose call defaults to guidance_scale "
                              f"{stock}; leave guidance.scale unset (or {stock}) and distill a range containing "
                              f"it.")  # fmt: skip
         if stock is not None:
@@ -123,7 +124,7 @@ class GuidedLatentTeacher(Teacher):
 
     def check_data(self, images) -> None:
         if not images.has_captions:
-            raise ValueError(f"the teacher is text-conditioned but data '{images.name}' has no captions (an image "
+            raise UserError(f"the teacher is text-conditioned but data '{images.name}' has no captions (an image "
                              f"folder needs a metadata.jsonl with a 'text' field).")  # fmt: skip
         self.space.check_images(images)
 

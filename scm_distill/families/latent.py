@@ -30,6 +30,7 @@ from torch import Tensor
 
 from ..data import ImageSet
 from ..data.imageset import evenly_spaced
+from ..errors import UserError
 from ..parameterization import freeze
 
 ENCODE_BATCH = 16  # images per VAE call while filling the cache or measuring sigma_d
@@ -72,11 +73,11 @@ class LatentSpace:
         """One-sentence error for images the VAE (and the pipeline, which wants sizes divisible by 8) cannot take."""
         channels, (h, w) = images.channels, images.resolution
         if channels != self.vae.config.in_channels:
-            raise ValueError(f"data '{images.name}' has {channels} channel(s) but the teacher's VAE encodes "
+            raise UserError(f"data '{images.name}' has {channels} channel(s) but the teacher's VAE encodes "
                              f"{self.vae.config.in_channels}-channel images.")  # fmt: skip
         step = max(multiple, self.downsampling)
         if h % step or w % step:
-            raise ValueError(f"data '{images.name}' is {h}x{w} but the teacher's VAE and pipeline need sizes "
+            raise UserError(f"data '{images.name}' is {h}x{w} but the teacher's VAE and pipeline need sizes "
                              f"divisible by {step}; set data.resize_to.")  # fmt: skip
 
     # x0 = (E(image) - shift) * scale: images [B, C, H, W] in [-1, 1] -> latents [B, c, H/f, W/f].

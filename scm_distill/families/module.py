@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..data import check_compatible
+from ..errors import UserError
 from ..export.contract import ExportDescription
 from ..export.module_pipeline import ModulePipeline, module_times, plain_call
 from ..parameterization import Condition, NativeModel, NetworkCall, Prediction, check_prediction, freeze
@@ -47,11 +48,11 @@ class ModuleTeacher(Teacher):
                  call: NetworkCall = plain_call, name: str = "module"):  # fmt: skip
         low, high = map(float, data_range)
         if not low < high:
-            raise ValueError(f"data_range must be (low, high) with low < high, got {data_range}.")
+            raise UserError(f"data_range must be (low, high) with low < high, got {data_range}.")
         self.data_range = (low, high)
         sigma_d = (high - low) / 4 if sigma_d is None else sigma_d
         if (alphas_cumprod is None) == (sigmas is None):
-            raise ValueError("give exactly one of alphas_cumprod (VP schedule) or sigmas (VE/EDM schedule).")
+            raise UserError("give exactly one of alphas_cumprod (VP schedule) or sigmas (VE/EDM schedule).")
         if alphas_cumprod is not None:
             process, allowed = VPProcess(alphas_cumprod, sigma_d), ("epsilon", "v_prediction", "sample")
             self.schedule = {"alphas_cumprod": alphas_cumprod.double().tolist()}

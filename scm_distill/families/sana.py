@@ -23,6 +23,7 @@ import diffusers
 import torch
 from torch import Tensor
 
+from ..errors import UserError
 from ..export.templates.pipeline_scm_sana import SCMSanaPipeline
 from ..parameterization import Condition
 from .base import Inputs
@@ -53,7 +54,7 @@ class SanaTeacher(FlowTeacher):
 
     def __init__(self, pipe, source: str, folder: Path, sigma_d: float):
         if pipe.transformer.config.get("guidance_embeds"):
-            raise ValueError(f"teacher '{source}' already takes a guidance scale (guidance_embeds, a SANA-Sprint-like "
+            raise UserError(f"teacher '{source}' already takes a guidance scale (guidance_embeds, a SANA-Sprint-like "
                              f"model) that SanaPipeline does not feed; distill the model it was distilled "
                              f"from.")  # fmt: skip
         super().__init__(pipe, source, folder, sigma_d)

@@ -25,6 +25,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from torch import Tensor
 
+from ..errors import UserError
 from ..export.contract import ExportDescription
 from ..guidance import GuidedModel, guidance_embedding
 from ..loading import check_trainable_weights, quiet_loading, require_transformers
@@ -106,7 +107,7 @@ class StableDiffusionTeacher(GuidedLatentTeacher):
         with quiet_loading():
             pipe = cls.pipeline_class().from_pretrained(folder, torch_dtype=dtype, variant=variant, **cls.load_options)
         if pipe.unet.config.time_cond_proj_dim is not None:
-            raise ValueError(f"teacher '{source}' already takes a guidance-scale input (a guidance-distilled UNet); "
+            raise UserError(f"teacher '{source}' already takes a guidance-scale input (a guidance-distilled UNet); "
                              f"distill the model it was distilled from.")  # fmt: skip
         return cls(pipe.to(device), source, folder, sigma_d, variant)
 
@@ -127,7 +128,7 @@ class StableDiffusionTeacher(GuidedLatentTeacher):
 
     def check_student(self, prediction) -> None:
         if prediction not in (None, "epsilon", "v_prediction", "sample"):
-            raise ValueError(f"LCMScheduler cannot read a {prediction} student; use v_prediction, epsilon or sample.")
+            raise UserError(f"LCMScheduler cannot read a {prediction} student; use v_prediction, epsilon or sample.")
 
     def student_call(self):
         return unet_call

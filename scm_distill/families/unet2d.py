@@ -16,6 +16,7 @@ from diffusers import DDPMPipeline, UNet2DModel
 from torch import Tensor
 
 from ..data import check_compatible
+from ..errors import UserError
 from ..export.contract import ExportDescription
 from ..parameterization import Condition, NativeModel, freeze, unet2d_call
 from .base import ExportInfo, Teacher, component_class
@@ -42,7 +43,7 @@ class UNet2DTeacher(Teacher):
                         dtype: torch.dtype) -> UNet2DTeacher:  # fmt: skip
         config_path = folder / "scheduler" / "scheduler_config.json"
         if not config_path.is_file():
-            raise ValueError(f"teacher '{source}' has no scheduler/scheduler_config.json.")
+            raise UserError(f"teacher '{source}' has no scheduler/scheduler_config.json.")
         scheduler_config = json.loads(config_path.read_text())
         unet = UNet2DModel.from_pretrained(folder / "unet", torch_dtype=dtype).to(device)
         return cls(unet, scheduler_config, source, folder, sigma_d)
@@ -63,12 +64,12 @@ class UNet2DTeacher(Teacher):
     def configure(self, config) -> None:
         super().configure(config)
         if self.num_classes is not None:
-            raise ValueError(f"teacher '{self.source}' is a class-conditional UNet2DModel, which DDPMPipeline cannot "
+            raise UserError(f"teacher '{self.source}' is a class-conditional UNet2DModel, which DDPMPipeline cannot "
                              f"call with labels; only unconditional UNet2DModel teachers are supported.")  # fmt: skip
 
     def check_student(self, prediction) -> None:
         if prediction not in (None, "epsilon", "v_prediction", "sample"):
-            raise ValueError(f"LCMScheduler cannot read a {prediction} student; use v_prediction, epsilon or sample.")
+            raise UserError(f"LCMScheduler cannot read a {prediction} student; use v_prediction, epsilon or sample.")
 
     def prepare_batch(self, batch: dict, generator: torch.Generator) -> tuple[Tensor, Condition]:
         return batch["image"].to(self.unet.device, torch.float32), {}

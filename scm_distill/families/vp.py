@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from diffusers import DDPMScheduler, LCMScheduler
 
+from ..errors import UserError
 from ..parameterization import Prediction, check_prediction
 from ..processes import VPProcess
 
@@ -30,7 +31,7 @@ def vp_schedule_config(config: dict) -> dict:
     """The keys of a scheduler config that define the training schedule (checked to be a VP scheduler)."""
     name = config.get("_class_name", "?")
     if name not in VP_SCHEDULERS:
-        raise ValueError(f"scheduler '{name}' is not a DDPM-family scheduler this adapter understands; "
+        raise UserError(f"scheduler '{name}' is not a DDPM-family scheduler this adapter understands; "
                          f"supported: {', '.join(VP_SCHEDULERS)}.")  # fmt: skip
     return {key: config[key] for key in SCHEDULE_KEYS if config.get(key) is not None}
 
@@ -40,7 +41,7 @@ def vp_alphas_cumprod(config: dict) -> torch.Tensor:
     try:
         return DDPMScheduler(**keys).alphas_cumprod
     except (NotImplementedError, ValueError, TypeError) as error:
-        raise ValueError(f"scheduler config is not understood: {error}") from None
+        raise UserError(f"scheduler config is not understood: {error}") from None
 
 
 def vp_prediction(config: dict) -> Prediction:

