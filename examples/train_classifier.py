@@ -17,16 +17,15 @@ import argparse
 import dataclasses
 import json
 import math
-import resource
 import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from family_teachers.training import cpu_minutes, output_folder
 from safetensors.torch import save_file
 
-from scm_distill.checkpoint import atomic_directory
 from scm_distill.data import batch_indices, load_images
 from scm_distill.metrics.classifier import (
     INFO_FILE,
@@ -92,11 +91,6 @@ def test_accuracies(net: FashionClassifier) -> dict[str, float]:
     return out
 
 
-def cpu_minutes() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return (usage.ru_utime + usage.ru_stime) / 60
-
-
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
@@ -132,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
             "epochs": args.epochs, "lr": args.lr, "parameters": sum(p.numel() for p in net.parameters()),
             "train_minutes": round((time.time() - started) / 60, 2), "cpu_minutes": round(cpu_minutes(), 2),
             "seed": args.seed, "command": "python examples/train_classifier.py " + " ".join(argv)}  # fmt: skip
-    with atomic_directory(out, overwrite=args.overwrite) as tmp:
+    with output_folder(out, overwrite=args.overwrite) as tmp:  # temporary folder, fsynced, renamed
         save_file({k: v.contiguous() for k, v in net.state_dict().items()}, tmp / WEIGHTS_FILE)
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
     print(f"saved {out}: test accuracy {accuracy}")

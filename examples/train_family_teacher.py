@@ -21,10 +21,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from family_teachers.latent_teacher import LATENT_FAMILIES, check_teacher, train_latent_teacher  # noqa: E402
+from family_teachers import latent_teacher  # noqa: E402
 from family_teachers.module_family import check_module, train_module  # noqa: E402
 from family_teachers.vae import VAE_SIZES, check_vae, train_vae  # noqa: E402
 
+LATENT_FAMILIES = latent_teacher.LATENT_FAMILIES
 VAE_FAMILIES = {"vae-kl": "kl", "vae-dc": "dc"}
 FAMILIES = (*LATENT_FAMILIES, "module", *VAE_FAMILIES)
 SIZES = ("cpu", "toy")  # cpu: the real teachers (<= ~25 min each on 2 cores); toy: seconds, for tests
@@ -44,6 +45,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--check-samples", type=int, help="samples of the FD / accuracy check (default 1000; toy 0)")
     p.add_argument("--guidance-scale", type=float, help="CFG scale of the check (default: the family's)")
     p.add_argument("--check-only", type=Path, metavar="FOLDER", help="only (re)check a trained teacher folder")
+    p.add_argument("--check-toolkit", action="store_true",
+                   help="latent families: also check the teacher as scm_distill.families.load_teacher reads it "
+                        "(the toolkit's DDIM sampler at the same steps and guidance)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
     return p.parse_args(argv)
@@ -113,7 +117,9 @@ def main(argv: list[str] | None = None) -> None:
         elif (folder / "module.json").is_file():
             check_module(folder, n, args.guidance_scale, cache_dir(folder))
         else:
-            check_teacher(folder, n, args.guidance_scale, cache_dir(folder))
+            latent_teacher.check_teacher(folder, n, args.guidance_scale, cache_dir(folder))
+            if args.check_toolkit:
+                latent_teacher.check_toolkit_reading(folder, n, args.guidance_scale, cache_dir(folder))
         return
     n = check_samples(args)
     if args.family in VAE_FAMILIES:
@@ -128,10 +134,12 @@ def main(argv: list[str] | None = None) -> None:
     else:
         kind = LATENT_FAMILIES[args.family].vae_kind
         vae = vae_folder(args, kind, command.replace(f"--family {args.family}", f"--family vae-{kind}"))
-        train_latent_teacher(args.family, args.size, args.output, vae, args.seed, train_overrides(args), command,
-                             args.overwrite)  # fmt: skip
+        latent_teacher.train_latent_teacher(args.family, args.size, args.output, vae, args.seed,
+                                            train_overrides(args), command, args.overwrite)  # fmt: skip
         if n:
-            check_teacher(args.output, n, args.guidance_scale, cache_dir(args.output))
+            latent_teacher.check_teacher(args.output, n, args.guidance_scale, cache_dir(args.output))
+        if n and args.check_toolkit:
+            latent_teacher.check_toolkit_reading(args.output, n, args.guidance_scale, cache_dir(args.output))
 
 
 if __name__ == "__main__":

@@ -131,3 +131,50 @@ def check_teacher(folder: Path, n: int, guidance_scale: float | None, cache_dir:
           f"{family.default_steps} steps, guidance {scale})")  # fmt: skip
     return result
 
+
+
+def toolkit_sampler(folder: Path, family: LatentFamily, scale: float, steps: int):
+    """sample_fn of the teacher as `scm-distill evaluate --teacher` samples it: the toolkit's adapter
+    (scm_distill.families.load_teacher) with its own DDIM sampler at `steps`, CFG at `scale`."""
+    from scm_distill.families import load_teacher
+    from scm_distill.generate import teacher_samples
+    from scm_distill.grids import to_uint8
+
+    from .data import CAPTIONS
+
+    teacher = load_teacher(str(folder))
+    teacher.default_scale = scale
+    expected = (4, IMAGE_SIZE // 4, IMAGE_SIZE // 4)
+    if tuple(teacher.sample_shape) != expected:
+        raise ValueError(f"load_teacher reads a sample shape {tuple(teacher.sample_shape)}, not the pipeline's "
+                         f"{expected}")  # fmt: skip
+
+    def sample(labels: list[int], seed: int) -> torch.Tensor:
+        if family.name == "dit":
+            condition = teacher.condition(torch.tensor(labels), scale)
+        else:
+            condition = teacher.prompt_condition([CAPTIONS[label] for label in labels])
+        generator = torch.Generator().manual_seed(seed)
+        x0 = teacher_samples(teacher.model, (len(labels), *teacher.sample_shape), steps, generator, condition)
+        return to_uint8(teacher.decode(x0))
+
+    return sample, teacher.family
+
+
+def check_toolkit_reading(folder: Path, n: int, guidance_scale: float | None, cache_dir: Path) -> dict:
+    """The same check through the toolkit's reading of the teacher (what evaluate and distill see), recorded under
+    "check_toolkit"; a reading that fails is recorded with its error."""
+    info = json.loads((Path(folder) / INFO_FILE).read_text())
+    family = LATENT_FAMILIES[info["family"]]()
+    scale = guidance_scale if guidance_scale is not None else family.sizes[info["size"]].guidance_scale
+    try:
+        sampler, adapter = toolkit_sampler(folder, family, scale, family.default_steps)
+    except (ValueError, NotImplementedError) as error:
+        result = {"error": str(error)}
+    else:
+        facts = {"sampler": f"scm_distill load_teacher ({adapter}) + generate.teacher_samples (DDIM)",
+                 "steps": family.default_steps, "guidance_scale": scale}  # fmt: skip
+        result = check.check(sampler, n, CHECK_BATCH, cache_dir, None, facts)
+    update_info(folder, {"check_toolkit": result})
+    print(f"{info['family']} through load_teacher: {result}")
+    return result
