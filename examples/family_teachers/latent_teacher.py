@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import platform
 import uuid
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from scm_distill.data import batch_indices
 from . import check
 from .base import CFG_DROPOUT, LatentFamily, cfg_rows, rows
 from .data import IMAGE_SIZE
-from .training import output_folder, refuse_existing, train, write_json
+from .training import machine, output_folder, refuse_existing, train, write_json
 from .transformer_families import DiTFamily, FluxFamily, SanaFamily, SD3Family
 from .unet_families import EDMFamily, SDFamily, SDXLFamily
 from .vae import TrainedVAE, load_trained_vae
@@ -43,10 +42,6 @@ def family_vae(trained: TrainedVAE, family: LatentFamily) -> torch.nn.Module:
 
 def parameters(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
-
-
-def machine() -> str:
-    return f"{platform.machine()}, {os.cpu_count()} CPU threads, torch {torch.__version__}"
 
 
 def train_latent_teacher(name: str, size_name: str, out: Path, vae_dir: Path, seed: int,

@@ -33,8 +33,8 @@ from . import check
 from . import objectives as obj
 from .base import cfg_rows
 from .data import IMAGE_SIZE, fashion_split, to_model_range
-from .latent_teacher import GRID_FILE, INFO_FILE, machine, update_info
-from .training import TrainSettings, output_folder, refuse_existing, train, write_json
+from .latent_teacher import GRID_FILE, INFO_FILE, update_info
+from .training import TrainSettings, machine, output_folder, refuse_existing, train, write_json
 
 SOURCE = Path(__file__).resolve().parent / "module_net.py"
 WEIGHTS, DESCRIPTION = "module.safetensors", "module.json"
@@ -55,7 +55,7 @@ class ModuleSize:
 
 
 MODULE_SIZES = {
-    "cpu": ModuleSize(config={"width": 64, "emb": 128}, train=TrainSettings(steps=4000, batch_size=32, lr=1e-3),
+    "cpu": ModuleSize(config={"width": 48, "emb": 128}, train=TrainSettings(steps=6000, batch_size=32, lr=1e-3),
                       guidance_scale=2.0),
     "toy": ModuleSize(config={"width": 8, "emb": 16}, train=TrainSettings(steps=3, batch_size=4, lr=1e-3, log_every=1),
                       guidance_scale=2.0, sample_steps=2),

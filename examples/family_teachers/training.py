@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
 import resource
 import time
 from collections.abc import Callable
@@ -46,6 +47,13 @@ class TrainResult:
     final_loss: float  # mean loss of the last log_every steps
     wall_minutes: float
     cpu_minutes: float  # process CPU time (user + system), all threads
+
+
+def machine() -> str:
+    """Where a run ran (the thread count matters: on an oversubscribed machine one thread is several times faster
+    than two, which spin-wait for each other)."""
+    return (f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "
+            f"torch {torch.__version__}")
 
 
 def cpu_minutes() -> float:

@@ -23,7 +23,7 @@ from scm_distill.data import batch_indices
 from scm_distill.metrics.classifier import class_accuracy
 
 from .data import IMAGE_SIZE, fashion_split, to_model_range
-from .training import TrainSettings, output_folder, refuse_existing, train, write_json
+from .training import TrainSettings, machine, output_folder, refuse_existing, train, write_json
 
 ENCODE_BATCH = 250  # images per encoder call when caching latents
 INFO_FILE, LATENTS_FILE = "vae_info.json", "latents.safetensors"
@@ -120,7 +120,7 @@ def train_vae(kind: str, size_name: str, out: Path, seed: int, max_items: int | 
             "parameters": sum(p.numel() for p in vae.parameters()), "latent_shape": list(latents.shape[1:]),
             "latent_statistics": latent_statistics(latents), "final_loss": result.final_loss,
             "train_minutes": round(result.wall_minutes, 2), "cpu_minutes": round(result.cpu_minutes, 2),
-            "seed": seed, "command": command}  # fmt: skip
+            "seed": seed, "machine": machine(), "command": command}  # fmt: skip
     with output_folder(out, overwrite) as tmp:
         vae.save_pretrained(tmp / "vae", safe_serialization=True)
         save_file({"latents": latents.contiguous(), "labels": data.labels.contiguous()}, tmp / LATENTS_FILE)
