@@ -34,7 +34,9 @@ CHECK_BATCH = 100  # images per pipeline call in the check
 
 def family_vae(trained: TrainedVAE, family: LatentFamily) -> torch.nn.Module:
     """The shared VAE's weights under the family's latent convention (config entries only)."""
-    config = {**trained.vae.config, **family.latent_config(trained.info["latent_statistics"])}
+    # without the private keys: from_config would reset the ones in `_use_default_values` to their defaults
+    base = {k: v for k, v in trained.vae.config.items() if not k.startswith("_")}
+    config = {**base, **family.latent_config(trained.info["latent_statistics"])}
     vae = type(trained.vae).from_config(config)
     vae.load_state_dict(trained.vae.state_dict())
     return vae.eval().requires_grad_(False)
@@ -139,7 +141,7 @@ def toolkit_sampler(folder: Path, family: LatentFamily, scale: float, steps: int
 
     teacher = load_teacher(str(folder))
     teacher.default_scale = scale
-    expected = (4, IMAGE_SIZE // 4, IMAGE_SIZE // 4)
+    expected = (teacher.space.channels, IMAGE_SIZE // 4, IMAGE_SIZE // 4)
     if tuple(teacher.sample_shape) != expected:
         raise ValueError(f"load_teacher reads a sample shape {tuple(teacher.sample_shape)}, not the pipeline's "
                          f"{expected}")  # fmt: skip

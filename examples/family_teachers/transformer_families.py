@@ -57,7 +57,8 @@ class DiTFamily(LatentFamily):
 
     def build_pipeline(self, vae, size: FamilySize, seed: int):
         torch.manual_seed(seed)
-        net = diffusers.DiTTransformer2DModel(in_channels=4, out_channels=8, sample_size=LATENT,
+        c = vae.config.latent_channels
+        net = diffusers.DiTTransformer2DModel(in_channels=c, out_channels=2 * c, sample_size=LATENT,
                                               num_embeds_ada_norm=DIT_NULL_CLASS, **size.model)  # fmt: skip
         scheduler = diffusers.DDIMScheduler(**DIT_SCHEDULE, clip_sample=False, set_alpha_to_one=True)
         return diffusers.DiTPipeline(transformer=net, vae=vae, scheduler=scheduler, id2label=self.id2label())
@@ -122,7 +123,8 @@ class SD3Family(FlowFamily):
         torch.manual_seed(seed)
         model = dict(size.model)
         inner = model["num_attention_heads"] * model["attention_head_dim"]
-        net = diffusers.SD3Transformer2DModel(sample_size=LATENT, in_channels=4, out_channels=4,
+        c = vae.config.latent_channels
+        net = diffusers.SD3Transformer2DModel(sample_size=LATENT, in_channels=c, out_channels=c,
                                               joint_attention_dim=T5_TEXT.hidden, caption_projection_dim=inner,
                                               pooled_projection_dim=2 * CLIP_SMALL.projection,
                                               pos_embed_max_size=LATENT // model["patch_size"], **model)  # fmt: skip
@@ -172,7 +174,8 @@ class FluxFamily(FlowFamily):
         model = dict(size.model)
         if model["num_attention_heads"] == 1:  # toy size: rope axes must sum to the head dim
             model["num_single_layers"] = 1
-        net = diffusers.FluxTransformer2DModel(patch_size=1, in_channels=16, joint_attention_dim=T5_TEXT.hidden,
+        packed = 4 * vae.config.latent_channels  # 2x2 latent patches per token
+        net = diffusers.FluxTransformer2DModel(patch_size=1, in_channels=packed, joint_attention_dim=T5_TEXT.hidden,
                                                pooled_projection_dim=FLUX_CLIP.hidden, guidance_embeds=False,
                                                **model)  # fmt: skip
         return diffusers.FluxPipeline(
@@ -193,7 +196,7 @@ class FluxFamily(FlowFamily):
         text_ids = torch.zeros(states.shape[1], 3, dtype=x_s.dtype)
         out = net(packed, encoder_hidden_states=states, pooled_projections=condition["pooled_projections"],
                   timestep=s, img_ids=image_ids, txt_ids=text_ids).sample  # fmt: skip
-        return diffusers.FluxPipeline._unpack_latents(out, h * 4, w * 4, 4)
+        return diffusers.FluxPipeline._unpack_latents(out, h * 4, w * 4, 4)  # 4: the VAE's factor
 
     def call_inputs(self, labels: list[int], guidance_scale: float) -> dict:
         # FluxPipeline's default size is its default_sample_size 128 x the VAE's factor (512 px here): name 32
@@ -222,7 +225,8 @@ class SanaFamily(FlowFamily):
         torch.manual_seed(seed)
         model = dict(size.model)
         heads, dim = model.pop("num_attention_heads"), model.pop("attention_head_dim")
-        net = diffusers.SanaTransformer2DModel(in_channels=4, out_channels=4, num_attention_heads=heads,
+        c = vae.config.latent_channels
+        net = diffusers.SanaTransformer2DModel(in_channels=c, out_channels=c, num_attention_heads=heads,
                                                attention_head_dim=dim, num_cross_attention_heads=heads,
                                                cross_attention_head_dim=dim, cross_attention_dim=heads * dim,
                                                caption_channels=GEMMA.hidden, sample_size=LATENT, patch_size=1,

@@ -39,9 +39,10 @@ UNET_SIZES = {  # cpu: ~0.4 CPU-s per step on one thread (3.3M parameters), 5,00
 }  # fmt: skip
 
 
-def sd_unet(model: dict, cross_attention_dim: int, seed: int, layout: str, **extra) -> UNet2DConditionModel:
-    """UNet2DConditionModel on 4x8x8 latents; "sd": cross-attention at the two finest levels (SD 1.x places it at
-    every level but the coarsest), "sdxl": at the two coarsest (SDXL's first level has none)."""
+def sd_unet(model: dict, channels: int, cross_attention_dim: int, seed: int, layout: str,
+            **extra) -> UNet2DConditionModel:  # fmt: skip
+    """UNet2DConditionModel on channels x 8 x 8 latents; "sd": cross-attention at the two finest levels (SD 1.x
+    places it at every level but the coarsest), "sdxl": at the two coarsest (SDXL's first level has none)."""
     torch.manual_seed(seed)
     if layout == "sd":
         down = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
@@ -50,8 +51,9 @@ def sd_unet(model: dict, cross_attention_dim: int, seed: int, layout: str, **ext
         down = ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
         up = ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
     config = {"norm_num_groups": 32, **model}
-    return UNet2DConditionModel(sample_size=IMAGE_SIZE // 4, in_channels=4, out_channels=4, down_block_types=down,
-                                up_block_types=up, cross_attention_dim=cross_attention_dim, **config, **extra)
+    return UNet2DConditionModel(sample_size=IMAGE_SIZE // 4, in_channels=channels, out_channels=channels,
+                                down_block_types=down, up_block_types=up, cross_attention_dim=cross_attention_dim,
+                                **config, **extra)  # fmt: skip
 
 
 def sd_call(net: UNet2DConditionModel, x: Tensor, timestep: Tensor, condition: dict) -> Tensor:
@@ -77,8 +79,8 @@ class SDFamily(LatentFamily):
                                             set_alpha_to_one=False)  # SD 1.5's scheduler_config.json  # fmt: skip
         return diffusers.StableDiffusionPipeline(
             vae=vae, text_encoder=clip_encoder(SD_TEXT, seed + 1), tokenizer=clip_tokenizer(),
-            unet=sd_unet(size.model, SD_TEXT.hidden, seed, "sd"), scheduler=scheduler, safety_checker=None,
-            feature_extractor=None, requires_safety_checker=False)  # fmt: skip
+            unet=sd_unet(size.model, vae.config.latent_channels, SD_TEXT.hidden, seed, "sd"), scheduler=scheduler,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False)  # fmt: skip
 
     @torch.no_grad()
     def condition_table(self, pipe) -> Table:
@@ -111,7 +113,8 @@ class SDXLFamily(SDFamily):
         extra = {"addition_embed_type": "text_time", "addition_time_embed_dim": SDXL_TIME_DIM,
                  "projection_class_embeddings_input_dim": len(TIME_IDS) * SDXL_TIME_DIM + SDXL_TEXT_2.projection,
                  "use_linear_projection": True}  # fmt: skip
-        unet = sd_unet(size.model, SDXL_TEXT.hidden + SDXL_TEXT_2.hidden, seed, "sdxl", **extra)
+        unet = sd_unet(size.model, vae.config.latent_channels, SDXL_TEXT.hidden + SDXL_TEXT_2.hidden, seed, "sdxl",
+                       **extra)
         return diffusers.StableDiffusionXLPipeline(
             vae=vae, text_encoder=clip_encoder(SDXL_TEXT, seed + 1), text_encoder_2=clip_encoder(SDXL_TEXT_2, seed + 2),
             tokenizer=clip_tokenizer(), tokenizer_2=clip_tokenizer(), unet=unet, scheduler=scheduler,
