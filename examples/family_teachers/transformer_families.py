@@ -43,10 +43,10 @@ def transformer_size(steps: int, batch: int, lr: float, guidance: float, **model
 
 
 class DiTFamily(LatentFamily):
-    """DiTPipeline: DiTTransformer2DModel with learned sigma (2C outputs), DDIMScheduler, 50 steps, CFG 4."""
+    """DiTPipeline: DiTTransformer2DModel with learned sigma (2C outputs), DDIMScheduler, 50 steps."""
 
     name, default_steps = "dit", 50
-    sizes = transformer_size(10000, 32, 5e-4, 4.0, num_attention_heads=4, attention_head_dim=32, num_layers=8,
+    sizes = transformer_size(10000, 32, 5e-4, 2.0, num_attention_heads=4, attention_head_dim=32, num_layers=8,
                              patch_size=2)  # cpu: 3.8M parameters, ~0.21 CPU-s per step  # fmt: skip
 
     def __init__(self):
@@ -116,7 +116,7 @@ class SD3Family(FlowFamily):
     """StableDiffusion3Pipeline: MMDiT over two CLIP encoders (with projections) and T5, shift 3, 28 steps."""
 
     name, default_steps, shift = "sd3", 28, FLOW_SHIFT
-    sizes = transformer_size(4000, 32, 5e-4, 4.0, num_attention_heads=2, attention_head_dim=32, num_layers=4,
+    sizes = transformer_size(4000, 32, 5e-4, 2.0, num_attention_heads=2, attention_head_dim=32, num_layers=4,
                              patch_size=2)  # cpu: 0.6M parameters, ~0.6 CPU-s per step (288 text tokens)  # fmt: skip
 
     def build_pipeline(self, vae, size: FamilySize, seed: int):
@@ -166,7 +166,7 @@ class FluxFamily(FlowFamily):
     name, default_steps = "flux", 28
     shift = flux_shift((LATENT // 2) ** 2)
     # cpu: ~1.3 CPU-s per step, nearly all of it the 512 T5 tokens of FluxPipeline's default max_sequence_length
-    sizes = transformer_size(2400, 32, 5e-4, 4.0, num_attention_heads=2, attention_head_dim=32, num_layers=1,
+    sizes = transformer_size(2400, 32, 5e-4, 2.0, num_attention_heads=2, attention_head_dim=32, num_layers=1,
                              num_single_layers=2, axes_dims_rope=(8, 12, 12))  # fmt: skip
 
     def build_pipeline(self, vae, size: FamilySize, seed: int):
@@ -211,11 +211,11 @@ def sana_instruction() -> list[str]:
 
 class SanaFamily(FlowFamily):
     """SanaPipeline: linear-attention transformer on DC-AE latents, Gemma states (prompts prefixed with the
-    pipeline's instruction), DPM-Solver on flow sigmas with flow_shift 3, 20 steps, CFG 4.5."""
+    pipeline's instruction), DPM-Solver on flow sigmas with flow_shift 3, 20 steps."""
 
     name, vae_kind, default_steps, shift = "sana", "dc", 20, FLOW_SHIFT
     # cpu: 1.0M parameters, ~0.75 CPU-s per step (cross-attention to 300 Gemma tokens)
-    sizes = transformer_size(3200, 32, 5e-4, 4.5, num_attention_heads=3, attention_head_dim=32, num_layers=6,
+    sizes = transformer_size(3200, 32, 5e-4, 2.0, num_attention_heads=3, attention_head_dim=32, num_layers=6,
                              mlp_ratio=2.5)  # fmt: skip
 
     def latent_config(self, stats: dict) -> dict:

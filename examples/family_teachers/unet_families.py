@@ -32,10 +32,10 @@ EDM_SIGMA_DATA = 0.5  # Playground v2.5's EDM sigma_data (the latents are scaled
 UNET_SIZES = {  # cpu: ~0.4 CPU-s per step on one thread (3.3M parameters), 5,000 steps ~ 35 CPU-min
     "cpu": FamilySize(model={"block_out_channels": (48, 96, 96), "layers_per_block": 1, "attention_head_dim": 4,
                              "norm_num_groups": 16},
-                      train=TrainSettings(steps=5000, batch_size=32, lr=1e-3), guidance_scale=3.0),
+                      train=TrainSettings(steps=5000, batch_size=32, lr=1e-3), guidance_scale=2.0),
     "toy": FamilySize(model={"block_out_channels": (8, 16, 16), "layers_per_block": 1, "attention_head_dim": 2,
                              "norm_num_groups": 4},
-                      train=TrainSettings(steps=3, batch_size=4, lr=1e-3, log_every=1), guidance_scale=3.0),
+                      train=TrainSettings(steps=3, batch_size=4, lr=1e-3, log_every=1), guidance_scale=2.0),
 }  # fmt: skip
 
 
