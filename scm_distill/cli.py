@@ -225,6 +225,10 @@ def add_evaluate(sub, parents: list) -> None:
     p.add_argument("--teacher-guidance-scale", type=float,
                    help="CFG scale of a guided teacher (default: the scale the export's 2-step call uses; pass it "
                         "for LoRA students with CFG merged into their weights)")  # fmt: skip
+    p.add_argument("--class-accuracy", choices=["fashion-mnist"],
+                   help="also classify the samples with the shipped Fashion-MNIST classifier: class-conditional "
+                        "exports get labels 0..9 in order, text exports need --prompts with the 10 class captions "
+                        "in class order; metrics.json records each sampler's accuracy")  # fmt: skip
     p.add_argument("--output", required=True)
     p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     p.set_defaults(run=run_evaluate)
@@ -238,10 +242,11 @@ def run_evaluate(args) -> int:
                             inception_weights=args.inception_weights, resize_reference=args.resize_reference,
                             reference_split=args.reference_split, prompts=prompts_from(args),
                             teacher_guidance_scale=args.teacher_guidance_scale,
-                            trust_remote_code=args.trust_remote_code)  # fmt: skip
+                            trust_remote_code=args.trust_remote_code, class_accuracy=args.class_accuracy)  # fmt: skip
     metrics = evaluate(Path(args.model), args.reference, Path(args.output), args.teacher, settings)
     for name, result in metrics["results"].items():
-        print(f"{name}: FID {result['fid']:.3f} ({metrics['feature_extractor']})")
+        accuracy = f", class accuracy {result['accuracy']:.3f}" if "accuracy" in result else ""
+        print(f"{name}: FID {result['fid']:.3f} ({metrics['feature_extractor']}){accuracy}")
     return 0
 
 
