@@ -89,9 +89,11 @@ def test_evaluate_records_class_accuracy_of_every_sampler(dit_export, tmp_path):
     from scm_distill.evaluation.evaluate import EvalSettings, LabelledSampler, evaluate
 
     teacher, export, data = dit_export
-    assert LabelledSampler(export, trust_remote_code=True).inputs(4, seed=0, start=8)["class_labels"] == [8, 9, 0, 1]  # classes in order
+    labelled = LabelledSampler(export, trust_remote_code=True)
+    assert labelled.inputs(4, seed=0, start=8)["class_labels"] == [8, 9, 0, 1]  # classes in order
     settings = EvalSettings(steps=(2,), teacher_steps=(2,), num_samples=10, batch_size=10,
-                            class_accuracy="fashion-mnist", trust_remote_code=True)  # fmt: skip
+                            class_accuracy="fashion-mnist",
+                            trust_remote_code=True)  # fmt: skip
     metrics = evaluate(export, str(data), tmp_path / "eval", str(teacher), settings)
     assert set(metrics["results"]) == {"student@2", "teacher@2"} and metrics["class_accuracy"] == "fashion-mnist"
     assert all(0 <= r["accuracy"] <= 1 for r in metrics["results"].values())

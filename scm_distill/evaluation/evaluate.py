@@ -31,8 +31,8 @@ from ..files import check_writable_folder, write_atomic
 from ..generate import teacher_samples
 from ..grids import labelled_rows, save_png, to_uint8
 from ..metrics import INCEPTION_V3, compute_metrics, resolve_feature_extractor
-from ..metrics.features import tensor_weights
 from ..metrics.classifier import NUM_CLASSES, YARDSTICKS, class_accuracy
+from ..metrics.features import tensor_weights
 
 
 @dataclass(frozen=True)
