@@ -50,6 +50,7 @@ class EvalSettings:
     teacher_guidance_scale: float | None = None  # None: the scale the export was distilled at (when it says)
     trust_remote_code: bool = False  # run Python code shipped in the export's / teacher's folder (its own pipeline)
     class_accuracy: str | None = None  # a YARDSTICKS name: also measure class accuracy (classes in label order)
+    network: str | None = None  # module exports: FILE.py:NAME of the network they load into (export/call.py)
 
 
 class LabelledSampler(PipelineSampler):
@@ -157,7 +158,8 @@ def evaluate(model: Path, reference: str, output: Path, teacher: str | None = No
         tensor_weights(weights)  # a pickled payload is refused before anything is sampled
     check_writable_folder(output, "--output")
     sampler_class = LabelledSampler if settings.class_accuracy else PipelineSampler
-    sampler = sampler_class(model, settings.prompts, trust_remote_code=settings.trust_remote_code)
+    sampler = sampler_class(model, settings.prompts, trust_remote_code=settings.trust_remote_code,
+                            network=settings.network)  # fmt: skip
     check_class_accuracy(settings, sampler)
     teacher_model = load_teacher(teacher, trust_remote_code=settings.trust_remote_code) if teacher else None
     guidance = teacher_guidance(teacher_model, sampler.guidance_scale, settings) if teacher_model else None
