@@ -16,7 +16,7 @@ from conftest import REPO, tree
 sys.path.insert(0, str(REPO / "examples"))
 
 from family_teachers import objectives as obj  # noqa: E402
-from family_teachers.module_family import index_of, load_module, load_module_teacher, range_call  # noqa: E402
+from family_teachers.module_family import load_module_teacher  # noqa: E402
 from family_teachers.transformer_families import flux_shift  # noqa: E402
 from train_family_teacher import FAMILIES, main  # noqa: E402
 
@@ -66,21 +66,14 @@ def test_module_teacher_loads_through_its_json(teachers):
     assert torch.isfinite(teacher.model.F(torch.randn(2, 1, 32, 32), torch.tensor([0.3, 1.2]), {})).all()
 
 
-def test_range_call_feeds_the_network_its_own_frame(teachers):
-    """Data x0 in [-1, 1] at the toolkit's index tau is the network's x0 / 2 at the index tau' of sigma_edm / 2, with
-    the same noise: build that point directly in the network's frame at an integer tau' and compare."""
-    net, spec = load_module(teachers / "module")
-    ac = torch.tensor(spec["schedule"]["alphas_cumprod"], dtype=torch.float64)
-    log_sigma = 0.5 * (torch.log1p(-ac) - torch.log(ac))
-    tau_net = torch.tensor([40, 300, 900])
-    tau = index_of(log_sigma[tau_net] - math.log(0.5), log_sigma)  # the toolkit's (continuous) index
-    x0, eps = torch.rand(3, 1, 32, 32) * 2 - 1, torch.randn(3, 1, 32, 32)
-    lo = tau.floor().long()
-    sigma = torch.exp(torch.lerp(log_sigma[lo], log_sigma[lo + 1], tau - lo))
-    x_vp = ((x0 + sigma.view(-1, 1, 1, 1) * eps) / torch.sqrt(1 + sigma**2).view(-1, 1, 1, 1)).float()
-    x_net = obj.vp_noised(x0 / 2, eps, ac[tau_net]).float()
-    got = range_call(ac, 0.5)(net, x_vp, tau.float(), {})
-    assert torch.allclose(got, net(x_net, tau_net / 1000), atol=1e-4)
+def test_the_public_module_teacher_reads_the_network_in_its_own_frame(teachers):
+    """ModuleTeacher(data_range, time_scale 1 / T) of the folder: [-1, 1] images arrive as the network's
+    [-0.5, 0.5], sigma_d is a quarter of that width, and the network gets t = i / T."""
+    teacher = load_module_teacher(teachers / "module")
+    x0, _ = teacher.prepare_batch({"image": torch.ones(1, 1, 32, 32)}, torch.Generator())
+    assert x0.max().item() == 0.5 and teacher.model.sigma_d == 0.25
+    x, tau = torch.randn(2, 1, 32, 32), torch.tensor([40.0, 900.0])
+    assert torch.allclose(teacher.model.network_call(teacher.network, x, tau, {}), teacher.network(x, tau / 1000))
 
 
 def test_posterior_and_learned_variance_match_diffusers_ddpm():

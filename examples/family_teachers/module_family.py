@@ -6,10 +6,8 @@ Folder: `module.safetensors` (weights), `module.json` (what a user must state: p
 data range, sample shape, conditioning, default sampler), `module_net.py` (the source, copied), teacher_info.json.
 Sampling ("its own pipeline"): DDIM with a stock diffusers DDIMScheduler on the same betas, 100 steps, CFG.
 
-`load_module_teacher` builds today's `ModuleTeacher` from the JSON. ModuleTeacher feeds data in [-1, 1] and the
-continuous timestep index; for a VP schedule the call hook can still read this network exactly: [-1, 1] data at
-noise sigma_edm is the network's [-0.5, 0.5] data at sigma_edm / 2, so the hook feeds x_vp * a' / (2 a) at the
-index tau' of sigma_edm / 2 (same noise, so the eps output needs no conversion; see `range_call`).
+`load_module_teacher` builds the public `ModuleTeacher` from the JSON with what a user states (prediction,
+schedule, time input, data range) - no call hook.
 """
 
 from __future__ import annotations
@@ -28,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from scm_distill.data import batch_indices
+from scm_distill.student import TimeFeatures
 
 from . import check
 from . import objectives as obj
@@ -172,39 +171,23 @@ def check_module(folder: Path, n: int, guidance_scale: float | None, cache_dir: 
     return result
 
 
-# Continuous index of log sigma_edm values in an increasing table (linear interpolation, clamped to its ends).
-def index_of(log_sigma: Tensor, table: Tensor) -> Tensor:
-    hi = torch.searchsorted(table, log_sigma).clamp(1, len(table) - 1)
-    w = ((log_sigma - table[hi - 1]) / (table[hi] - table[hi - 1])).clamp(0, 1)
-    return hi - 1 + w
+def time_features(net) -> TimeFeatures:
+    """Where PixelUNet embeds its time (module_net.timestep_features, read first by `time.0`): cos then sin of
+    1000 t w_k, so column k and half + k turn at 1000 w_k rad per unit of its t."""
+    half = net.label.embedding_dim // 2
+    w = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / half)
+    return TimeFeatures("time.0", (1000.0 * w).repeat(2))
 
 
-def range_call(ac: Tensor, data_scale: float):
-    """ModuleTeacher call hook for a network trained on data x0' = data_scale x0 (x0 in [-1, 1]) with time input
-    tau / T: x_vp = a x0 + s eps = (a / data_scale) x0' + s eps is the network's data at sigma' = data_scale s / a,
-    i.e. x' = x_vp a' data_scale / a at the index tau' of sigma' (a' = 1 / sqrt(1 + sigma'^2)); same eps."""
-    table = 0.5 * (torch.log1p(-ac.double()) - torch.log(ac.double()))  # log sigma_edm(tau), increasing
-
-    def call(network, x: Tensor, tau: Tensor, condition: dict) -> Tensor:
-        tau = tau.expand(x.shape[0]) if tau.dim() == 0 else tau
-        lo = tau.double().floor().long().clamp(0, len(table) - 2)
-        log_sigma = torch.lerp(table[lo], table[lo + 1], tau.double() - lo)
-        log_sigma_net = log_sigma + math.log(data_scale)
-        a = torch.exp(-0.5 * torch.log1p(torch.exp(2 * log_sigma)))
-        a_net = torch.exp(-0.5 * torch.log1p(torch.exp(2 * log_sigma_net)))
-        scale = (a_net * data_scale / a).to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
-        return network(x * scale, (index_of(log_sigma_net, table) / T).to(x.dtype), **condition)
-
-    return call
-
-
-def load_module_teacher(folder: Path, sigma_d: float = 0.5):
-    """A ModuleTeacher (scm_distill.families.module) of a module folder, built from its JSON."""
+def load_module_teacher(folder: Path, sigma_d: float | None = None):
+    """The public ModuleTeacher (scm_distill.families.module) of a module folder, stating what its JSON says:
+    eps, the alphas_cumprod schedule, time input t = i / T (time_scale 1 / T), data range [-0.5, 0.5] (sigma_d by
+    default a quarter of its width), and where the time features are (for the time-embedding low-pass).
+    Unconditional: ModuleTeacher feeds no condition, so the network takes its null class."""
     from scm_distill.families.module import ModuleTeacher
 
     net, spec = load_module(folder)
     ac = torch.tensor(spec["schedule"]["alphas_cumprod"], dtype=torch.float64)
-    low, high = spec["data_range"]
     return ModuleTeacher(net, prediction=spec["prediction"], sample_shape=tuple(spec["sample_shape"]),
-                         alphas_cumprod=ac, sigma_d=sigma_d, call=range_call(ac, (high - low) / 2.0),
-                         name=str(folder))  # fmt: skip
+                         alphas_cumprod=ac, data_range=tuple(spec["data_range"]), sigma_d=sigma_d,
+                         time_scale=1.0 / T, time_features=time_features(net), name=str(folder))  # fmt: skip
