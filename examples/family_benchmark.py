@@ -13,7 +13,8 @@ family_teachers/data.py in metadata.jsonl; DiT: one subfolder per class), the ru
 recipes/F-fashion-cpu.yaml`), the evaluation (`scm-distill evaluate`: FD in EfficientNet-Lite0 features against the
 10,000 test images and class accuracy, samples generated for every class equally; teacher at its default steps and
 at 2, student at 1 and 2), batch-1 timing (end to end through each pipeline's own call, VAE decode included, and
-network-only: the time spent inside the denoiser's calls), a class grid (one row per class, teacher | student).
+network-only: the time spent inside the denoiser's calls), a class grid (one row per class, teacher | student), and
+the export loaded with plain diffusers in a process that cannot import scm_distill (same samples as the toolkit's).
 Writes results.json (rewritten after every stage, so a stopped run keeps what it measured), results.md,
 class_grid.png and family-F-SIZE.json (the file committed as examples/results/family-F-cpu.json).
 Shared by the families of one OUTPUT: the VAEs, the training image folders, and the test-image folder with its cached
@@ -278,6 +279,40 @@ def class_grid(family: str, export: Path, teacher: Path, guidance: float | None,
     return path
 
 
+PLAIN_DIFFUSERS = """
+import json, sys
+sys.modules["scm_distill"] = None  # this process cannot import scm_distill
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline
+folder, call, out_file = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+pipe.set_progress_bar_config(disable=True)
+np.save(out_file, pipe(**call, generator=torch.Generator().manual_seed(0), output_type="np").images)
+"""
+
+
+def plain_diffusers(family: str, export: Path, out: Path) -> dict:
+    """The export loaded with plain diffusers in a process that cannot import scm_distill, one sample per class at
+    2 steps, against the same call through the toolkit's loader (what evaluate sampled)."""
+    import numpy as np
+
+    from scm_distill.export.call import PipelineSampler
+
+    sampler = PipelineSampler(export, prompts=None if family == "dit" else tuple(CAPTIONS), trust_remote_code=True)
+    inputs = {"class_labels": list(range(len(CAPTIONS)))} if family == "dit" else {"prompt": list(CAPTIONS)}
+    call = {**inputs, **sampler.call_kwargs(2)}
+    ours = sampler.pipe(**call, generator=torch.Generator().manual_seed(0), output_type="np").images
+    script, result = out / "plain_diffusers.py", out / "plain_diffusers.npy"
+    script.write_text(PLAIN_DIFFUSERS)
+    done = subprocess.run([sys.executable, str(script), str(export), json.dumps(call), str(result)], cwd=out,
+                          env={**os.environ, "PYTHONPATH": ""}, capture_output=True, text=True)  # fmt: skip
+    if done.returncode != 0:
+        return {"loaded": False, "error": done.stderr.strip().splitlines()[-1:]}
+    diff = float(np.abs(np.load(result) - ours).max())
+    return {"loaded": True, "samples": len(ours), "max_abs_diff": diff, "same": diff <= 1e-5}
+
+
 # --- reports ------------------------------------------------------------------------------------------------------
 
 
@@ -293,6 +328,7 @@ def summary(family: str, size: str, report: dict) -> dict:
             "feature_extractor": report.get("metrics", {}).get("feature_extractor"),
             "teacher_guidance_scale": report.get("metrics", {}).get("teacher_guidance_scale"),
             "teacher": report.get("teacher"), "timing_batch1": report.get("timing"),
+            "plain_diffusers": report.get("plain_diffusers"),
             "minutes": report["minutes"], "command": report["command"], "machine": report["machine"],
             "stages_done": report["stages_done"]}  # fmt: skip
 
@@ -353,7 +389,9 @@ def run_family(args: argparse.Namespace, family: str, root: Path, reference: Pat
     report["timing"] = timing(family, export, teacher, guidance, size["repeats"])
     mark = done("timing", mark)
     class_grid(family, export, teacher, guidance, out / "class_grid.png")
-    done("grid", mark)
+    mark = done("grid", mark)
+    report["plain_diffusers"] = plain_diffusers(family, export, out)
+    done("plain_diffusers", mark)
     print((out / "results.md").read_text())
     return report
 

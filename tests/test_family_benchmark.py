@@ -43,7 +43,8 @@ def test_toy_benchmark_writes_every_number_the_issue_names(bench, family):
     assert all(0 <= v <= 1 for v in summary["accuracy"].values())
     assert summary["minutes"]["total"] > 0 and summary["command"].startswith("python examples/family_benchmark.py")
     assert "CPUs" in summary["machine"]
-    assert summary["stages_done"] == ["teacher", "data", "distill", "evaluate", "timing", "grid"]
+    assert summary["stages_done"] == ["teacher", "data", "distill", "evaluate", "timing", "grid", "plain_diffusers"]
+    assert summary["plain_diffusers"]["loaded"] and summary["plain_diffusers"]["same"], summary["plain_diffusers"]
     timing = summary["timing_batch1"]
     for sampler in ("teacher", "student_2", "student_1"):
         assert 0 < timing[sampler]["network_ms"] <= timing[sampler]["end_to_end_ms"]
