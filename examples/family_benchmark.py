@@ -64,11 +64,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--family", required=True, help=f"one of {', '.join(FAMILIES)}, or all")
     p.add_argument("--size", default="cpu", help=f"one of {', '.join(SIZES)}")
-    p.add_argument("--output", type=Path, required=True, help="folder to write (must not exist unless --overwrite)")
+    p.add_argument("--output", type=Path, required=True,
+                   help="benchmark folder: new, empty or made by this script (family F goes to OUTPUT/F)")
     p.add_argument("--teacher", type=Path, help="reuse this teacher folder (train_family_teacher.py output)")
     p.add_argument("--reuse-features", action="store_true",
                    help="keep OUTPUT/reference (test images and their cached features) if a run made it")
-    p.add_argument("--overwrite", action="store_true", help="write into an existing OUTPUT")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT/F when a run of F is there already")
     return p.parse_args(argv)
 
 
@@ -325,6 +326,7 @@ def summary(family: str, size: str, report: dict) -> dict:
             "fd": {k: results[v]["fid"] for k, v in names.items() if v in results},
             "accuracy": {k: results[v]["accuracy"] for k, v in names.items() if "accuracy" in results.get(v, {})},
             "num_samples": report.get("metrics", {}).get("num_samples"),
+            "num_reference": report.get("metrics", {}).get("num_reference"),
             "feature_extractor": report.get("metrics", {}).get("feature_extractor"),
             "teacher_guidance_scale": report.get("metrics", {}).get("teacher_guidance_scale"),
             "teacher": report.get("teacher"), "timing_batch1": report.get("timing"),
@@ -352,8 +354,8 @@ def results_table(s: dict) -> str:
     lines = [f"| {label} | {number('fd', key, 2)} | {number('accuracy', key, 3)} | {ms.get(timed, '')} |"
              for label, key, timed in rows]  # fmt: skip
     return (f"# Family benchmark: {s['family']} ({s['size']})\n\nFD ({s['feature_extractor']}, {s['num_samples']} "
-            f"samples vs the 10,000 test images) and class accuracy (samples for every class equally; teacher CFG "
-            f"{s['teacher_guidance_scale']}) on {s['machine']}; {s['minutes']['total']:.1f} min in all.\n\n"
+            f"samples vs {s['num_reference']} test images) and class accuracy (samples for every class equally; "
+            f"teacher CFG {s['teacher_guidance_scale']}) on {s['machine']}; {s['minutes']['total']:.1f} min in all.\n\n"
             f"| sampler | FD | class accuracy | batch-1 ms, end to end / network |\n|---|---|---|---|\n"
             + "\n".join(lines) + f"\n\n`{s['command']}`\n\n![class grid](class_grid.png)\n")  # fmt: skip
 
