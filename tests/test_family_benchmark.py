@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import REPO, tree
 
 sys.path.insert(0, str(REPO / "examples"))
@@ -98,3 +99,28 @@ def test_missing_fashion_mnist_names_the_debian_package_and_the_datasets_fallbac
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "dataset-fashion-mnist" in lines[0] and "`datasets` fallback" in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_evaluate_reads_the_teacher_at_the_exports_size_not_the_pipelines_default(tmp_path):
+    """FLUX's pipeline makes 1024 px by default and its shift depends on the token count: evaluate's teacher must
+    sample at the export's size, with the shift of that size (found by the toy FLUX benchmark, which sampled the
+    teacher at 1024 px against 32 px references)."""
+    from tiny_pipelines import save_tiny
+
+    from scm_distill.families import load_teacher
+    from scm_distill.families.flow import dynamic_shift
+
+    teacher = load_teacher(str(save_tiny("flux", tmp_path / "teacher")))
+    assert teacher.resolution == (1024, 1024)
+    teacher.at_resolution((32, 32))
+    h, w = teacher.space.latent_size((32, 32))
+    assert teacher.sample_shape == (teacher.space.channels, h, w)
+    expected = dynamic_shift(teacher.scheduler_config, teacher.image_tokens(h, w))
+    x = torch.randn(1, *teacher.sample_shape)
+    again = load_teacher(str(tmp_path / "teacher"))
+    again.resolution = (32, 32)
+    again.model = again._teacher_model(teacher.model.sigma_d)  # the reading prepare() builds for 32 px data
+    t = torch.tensor([0.7])
+    condition = teacher.condition_for({"prompt": ["a"]})
+    assert torch.allclose(teacher.model.F(x, t, condition), again.model.F(x, t, condition))
+    assert expected != dynamic_shift(teacher.scheduler_config, teacher.image_tokens(128, 128))

@@ -164,6 +164,8 @@ def evaluate(model: Path, reference: str, output: Path, teacher: str | None = No
     teacher_model = load_teacher(teacher, trust_remote_code=settings.trust_remote_code) if teacher else None
     guidance = teacher_guidance(teacher_model, sampler.guidance_scale, settings) if teacher_model else None
     shape = tuple(sampler(1, min(settings.steps), settings.seed).shape[1:])  # one image: the export's output shape
+    if teacher_model is not None and hasattr(teacher_model, "at_resolution"):
+        teacher_model.at_resolution(shape[1:])  # not the pipeline's default size (FLUX, Sana: 1024 px)
     ref, ref_name = reference_images(reference, shape, settings)
     sets = {f"student@{s}": student_images(sampler, s, settings) for s in settings.steps}
     if teacher_model:
