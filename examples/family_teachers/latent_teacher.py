@@ -141,6 +141,7 @@ def toolkit_sampler(folder: Path, family: LatentFamily, scale: float, steps: int
 
     teacher = load_teacher(str(folder))
     teacher.default_scale = scale
+    teacher.at_resolution((IMAGE_SIZE, IMAGE_SIZE))  # as evaluate does: FLUX and Sana default to 1024 px
     expected = (teacher.space.channels, IMAGE_SIZE // 4, IMAGE_SIZE // 4)
     if tuple(teacher.sample_shape) != expected:
         raise ValueError(f"load_teacher reads a sample shape {tuple(teacher.sample_shape)}, not the pipeline's "
