@@ -32,6 +32,7 @@ from torch.distributed.checkpoint.state_dict import (
 from .checkpoint import check_state_dict
 from .ema import EMA
 from .errors import UserError
+from .files import fsync_path
 from .student import Student
 
 FORMAT_VERSION = 1
@@ -43,15 +44,6 @@ FLAT = StateDictOptions(flatten_optimizer_state_dict=True)  # optimizer state ke
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-
-
-def fsync_path(path: Path) -> None:
-    """fsync a file or a directory (a rename is durable once its directory is synced)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_synced(path: Path, text: str) -> None:

@@ -3,7 +3,8 @@
 - `unet_with_guidance_input`: a UNet2DConditionModel rebuilt with `time_cond_proj_dim`, diffusers' LCM guidance
   input, which stock SD / SDXL pipelines feed from their `guidance_scale` (SD, SDXL, EDM).
 - `GuidedTransformer` / `with_guidance_input`: a transformer plus `SCMGuidanceEmbedding` (the exported component
-  file export/templates/scm_guidance.py) whose output is added to its time embedding(s) (DiT, SD3, Sana).
+  file export/templates/scm_guidance.py) whose output is added to its time embedding(s) (DiT, SD3, Sana);
+  `AddedGuidanceInput`, the teacher methods SD3 and Sana share for it.
 - `rebuilt_with_guidance_embedding`: a transformer rebuilt with its own `guidance_embeds` input, which the stock
   pipeline feeds (FLUX).
 Every new input starts at exactly zero, so the student starts equal to the teacher. A LoRA student keeps the
@@ -51,6 +52,38 @@ class GuidedTransformer(nn.Module):
     def forward(self, *args, guidance: Tensor, **kwargs):
         with self.guidance_embedder.added_to(self.transformer, guidance):
             return self.transformer(*args, **kwargs)
+
+
+class AddedGuidanceInput:
+    """Teacher methods for a transformer that has no guidance input (SD3, Sana): the student is the transformer plus
+    a zero-initialised SCMGuidanceEmbedding on `embedding_targets`, and the export's pipeline subclass
+    (`student_pipeline_class`) feeds it, its CFG branch off. A family states the class, the targets and the width
+    of its time embedding."""
+
+    student_pipeline_class: type
+    embedding_targets: list[str]
+
+    def embedding_width(self) -> int:
+        raise NotImplementedError
+
+    def embedder(self) -> SCMGuidanceEmbedding:
+        return guidance_embedder(self.transformer, self.embedding_width(), self.embedding_targets, self.embedding_dim,
+                                 self.default_scale, self.scales)  # fmt: skip
+
+    def guided_network(self, dropout: float) -> GuidedTransformer:
+        return with_guidance_input(self.transformer, self.embedder(), dropout)
+
+    def zero_guidance_input(self, network: nn.Module) -> GuidedTransformer:
+        return GuidedTransformer(network, self.embedder())
+
+    def call_overrides(self, network: nn.Module) -> dict:
+        return {}  # the pipeline's CFG branch is always off
+
+    def pipeline_parts(self, network: nn.Module) -> tuple[type, dict]:
+        if not isinstance(network, GuidedTransformer):  # an unmerged LoRA student: its input is zero anyway
+            network = GuidedTransformer(network, self.embedder())
+        return self.student_pipeline_class, {"transformer": network.transformer,
+                                             "guidance_embedder": network.guidance_embedder}
 
 
 def guidance_embedder(reference: nn.Module, width: int, targets: list[str], embedding_dim: int, default: float,

@@ -28,7 +28,7 @@ from ..export.templates.pipeline_scm_sana import SCMSanaPipeline
 from ..parameterization import Condition
 from .base import Inputs
 from .flow import FlowTeacher
-from .guidance_inputs import GuidedTransformer, guidance_embedder, with_guidance_input
+from .guidance_inputs import AddedGuidanceInput, GuidedTransformer
 
 MAX_SEQUENCE_LENGTH = 300  # Gemma tokens, SanaPipeline's default
 
@@ -46,10 +46,12 @@ def sana_call(network: torch.nn.Module, x: Tensor, time: Tensor, condition: Cond
                    **kwargs)[0]  # fmt: skip
 
 
-class SanaTeacher(FlowTeacher):
+class SanaTeacher(AddedGuidanceInput, FlowTeacher):
     family = "sana"
     description = "SanaPipeline (linear-attention DiT, DC-AE latents, flow matching), text + CFG"
     pipeline_name = "SanaPipeline"
+    student_pipeline_class = SCMSanaPipeline
+    embedding_targets = ["time_embed.emb"]  # the embedding the guidance input is added to
     network_call = staticmethod(sana_call)
 
     def __init__(self, pipe, source: str, folder: Path, sigma_d: float):
@@ -86,21 +88,6 @@ class SanaTeacher(FlowTeacher):
             return {}
         return {"height": self.resolution[0], "width": self.resolution[1], "use_resolution_binning": False}
 
-    def embedder(self):
-        return guidance_embedder(self.transformer, self.transformer.config.num_attention_heads *
-                                 self.transformer.config.attention_head_dim, ["time_embed.emb"], self.embedding_dim,
-                                 self.default_scale, self.scales)  # fmt: skip
-
-    def guided_network(self, dropout: float) -> GuidedTransformer:
-        return with_guidance_input(self.transformer, self.embedder(), dropout)
-
-    def zero_guidance_input(self, network: torch.nn.Module) -> GuidedTransformer:
-        return GuidedTransformer(network, self.embedder())
-
-    def call_overrides(self, network: torch.nn.Module) -> dict:
-        return {}  # the pipeline's CFG branch is always off
-
-    def pipeline_parts(self, network: torch.nn.Module):
-        if not isinstance(network, GuidedTransformer):  # an unmerged LoRA student: its input is zero anyway
-            network = GuidedTransformer(network, self.embedder())
-        return SCMSanaPipeline, {"transformer": network.transformer, "guidance_embedder": network.guidance_embedder}
+    def embedding_width(self) -> int:
+        return (self.transformer.config.num_attention_heads *
+                self.transformer.config.attention_head_dim)

@@ -22,7 +22,7 @@ from ..export.templates.pipeline_scm_sd3 import SCMStableDiffusion3Pipeline
 from ..parameterization import Condition
 from .base import Inputs
 from .flow import FlowTeacher
-from .guidance_inputs import GuidedTransformer, guidance_embedder, with_guidance_input
+from .guidance_inputs import AddedGuidanceInput, GuidedTransformer
 
 MAX_SEQUENCE_LENGTH = 256  # T5 tokens, StableDiffusion3Pipeline's default
 
@@ -34,10 +34,12 @@ def sd3_call(network: torch.nn.Module, x: Tensor, time: Tensor, condition: Condi
                    pooled_projections=condition["pooled_projections"], return_dict=False, **kwargs)[0]  # fmt: skip
 
 
-class StableDiffusion3Teacher(FlowTeacher):
+class StableDiffusion3Teacher(AddedGuidanceInput, FlowTeacher):
     family = "sd3"
     description = "StableDiffusion3Pipeline (MMDiT, flow matching), latent space, text + CFG"
     pipeline_name = "StableDiffusion3Pipeline"
+    student_pipeline_class = SCMStableDiffusion3Pipeline
+    embedding_targets = ["time_text_embed"]  # the embedding the guidance input is added to
     network_call = staticmethod(sd3_call)
 
     def _encode(self, prompts: list[str], negative: bool) -> Condition:
@@ -55,21 +57,5 @@ class StableDiffusion3Teacher(FlowTeacher):
     def encode_negative(self) -> Condition:
         return self._encode([""], negative=True)
 
-    def embedder(self):
-        return guidance_embedder(self.transformer, self.transformer.inner_dim, ["time_text_embed"],
-                                 self.embedding_dim, self.default_scale, self.scales)  # fmt: skip
-
-    def guided_network(self, dropout: float) -> GuidedTransformer:
-        return with_guidance_input(self.transformer, self.embedder(), dropout)
-
-    def zero_guidance_input(self, network: torch.nn.Module) -> GuidedTransformer:
-        return GuidedTransformer(network, self.embedder())
-
-    def call_overrides(self, network: torch.nn.Module) -> dict:
-        return {}  # the pipeline's CFG branch is always off
-
-    def pipeline_parts(self, network: torch.nn.Module):
-        if not isinstance(network, GuidedTransformer):  # an unmerged LoRA student: its input is zero anyway
-            network = GuidedTransformer(network, self.embedder())
-        return SCMStableDiffusion3Pipeline, {"transformer": network.transformer,
-                                             "guidance_embedder": network.guidance_embedder}
+    def embedding_width(self) -> int:
+        return self.transformer.inner_dim
