@@ -116,6 +116,9 @@ def add_sample(sub, parents: list) -> None:
     p.add_argument("--prompt", action="append", help="prompt of a text-to-image export (repeatable; cycled)")
     p.add_argument("--prompts", help="text file of prompts, one per line (text-to-image exports)")
     p.add_argument("--output", default="samples.png", help="PNG file for the grid")
+    p.add_argument("--network", metavar="FILE.py:NAME",
+                   help="module exports: the class (or function) of FILE.py that makes your network, called "
+                        "without arguments (needs --trust-remote-code)")  # fmt: skip
     p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     p.set_defaults(run=run_sample)
 
@@ -128,7 +131,8 @@ def run_sample(args) -> int:
         raise UserError("--num-images and --steps must be at least 1.")
     output = Path(args.output)
     check_png_output(output)
-    sampler = PipelineSampler(args.model, prompts_from(args), trust_remote_code=args.trust_remote_code)
+    sampler = PipelineSampler(args.model, prompts_from(args), trust_remote_code=args.trust_remote_code,
+                              network=args.network)  # fmt: skip
     images = sampler(args.num_images, args.steps, args.seed)
     grid = image_grid(images, columns=min(8, args.num_images))
     print(f"wrote {save_png(grid, output)}")
@@ -225,6 +229,13 @@ def add_evaluate(sub, parents: list) -> None:
     p.add_argument("--teacher-guidance-scale", type=float,
                    help="CFG scale of a guided teacher (default: the scale the export's 2-step call uses; pass it "
                         "for LoRA students with CFG merged into their weights)")  # fmt: skip
+    p.add_argument("--class-accuracy", choices=["fashion-mnist"],
+                   help="also classify the samples with the shipped Fashion-MNIST classifier: class-conditional "
+                        "exports get labels 0..9 in order, text exports need --prompts with the 10 class captions "
+                        "in class order; metrics.json records each sampler's accuracy")  # fmt: skip
+    p.add_argument("--network", metavar="FILE.py:NAME",
+                   help="module exports: the class (or function) of FILE.py that makes your network, called "
+                        "without arguments (needs --trust-remote-code)")  # fmt: skip
     p.add_argument("--output", required=True)
     p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     p.set_defaults(run=run_evaluate)
@@ -238,10 +249,12 @@ def run_evaluate(args) -> int:
                             inception_weights=args.inception_weights, resize_reference=args.resize_reference,
                             reference_split=args.reference_split, prompts=prompts_from(args),
                             teacher_guidance_scale=args.teacher_guidance_scale,
-                            trust_remote_code=args.trust_remote_code)  # fmt: skip
+                            trust_remote_code=args.trust_remote_code, class_accuracy=args.class_accuracy,
+                            network=args.network)  # fmt: skip
     metrics = evaluate(Path(args.model), args.reference, Path(args.output), args.teacher, settings)
     for name, result in metrics["results"].items():
-        print(f"{name}: FID {result['fid']:.3f} ({metrics['feature_extractor']})")
+        accuracy = f", class accuracy {result['accuracy']:.3f}" if "accuracy" in result else ""
+        print(f"{name}: FID {result['fid']:.3f} ({metrics['feature_extractor']}){accuracy}")
     return 0
 
 
@@ -255,6 +268,9 @@ def add_bench(sub, parents: list) -> None:
     p.add_argument("--teacher-steps", type=int, default=100)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-scaling", action="store_true", help="skip the resolution/width scaling table")
+    p.add_argument("--network", metavar="FILE.py:NAME",
+                   help="module exports: the class (or function) of FILE.py that makes your network, called "
+                        "without arguments (needs --trust-remote-code)")  # fmt: skip
     p.add_argument("--output", required=True)
     p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     p.set_defaults(run=run_bench)
@@ -264,7 +280,7 @@ def run_bench(args) -> int:
     from .evaluation.bench import BenchSettings, bench
 
     settings = BenchSettings(teacher_steps=args.teacher_steps, repeats=args.repeats, scaling=not args.no_scaling,
-                             trust_remote_code=args.trust_remote_code)  # fmt: skip
+                             trust_remote_code=args.trust_remote_code, network=args.network)  # fmt: skip
     results = bench(Path(args.model), Path(args.output), args.teacher, settings)
     for record in results["training"]:
         print(f"training ({record['precision']}): sCD/diffusion {record['scd_over_diffusion']}x, "

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -108,6 +109,45 @@ def low_pass_time_embedding(network: nn.Module, max_frequency: float) -> int:
         linear.weight[:, ~keep.to(linear.weight.device)] = 0
     mask = keep.to(linear.weight.dtype)
     time_proj.register_forward_hook(lambda module, args, out: out * mask.to(out.device, out.dtype))
+    return int((~keep).sum())
+
+
+@dataclass(frozen=True)
+class TimeFeatures:
+    """Where a network that is not a diffusers model embeds its time input, for the low-pass of the time embedding.
+
+    layer: name (as in `named_modules`) of the nn.Linear that reads the sinusoidal time features first.
+    frequencies: [in_features] angular frequency of each input column of that layer, in rad per unit of the
+        network's own time input (e.g. t = i / 1000 embedded as sin(1000 t w_k): 1000 w_k); 0 for columns that are
+        not time features (they are always kept).
+    """
+
+    layer: str
+    frequencies: Tensor
+
+
+def low_pass_time_features(network: nn.Module, features: TimeFeatures, max_frequency: float) -> int:
+    """Remove the time features faster than `max_frequency` (rad per unit of the network's own time input) from any
+    network: zero their columns of `features.layer` and zero those inputs of it in training (a forward pre-hook),
+    so the columns get no gradient and stay zero - the same cure as low_pass_time_embedding for diffusers UNets,
+    whose 0-999 timestep input it is the special case of. Returns the number of columns removed."""
+    try:
+        linear = network.get_submodule(features.layer)
+    except AttributeError:
+        linear = None
+    if not isinstance(linear, nn.Linear):
+        raise UserError(f"the time features' layer '{features.layer}' is not an nn.Linear of "
+                        f"{type(network).__name__}.")  # fmt: skip
+    frequencies = torch.as_tensor(features.frequencies, dtype=torch.float32).reshape(-1)
+    if frequencies.numel() != linear.in_features:
+        raise UserError(f"the time features give {frequencies.numel()} frequencies but '{features.layer}' reads "
+                        f"{linear.in_features} inputs.")  # fmt: skip
+    keep = frequencies <= max_frequency
+    with torch.no_grad():
+        linear.weight[:, ~keep.to(linear.weight.device)] = 0
+    mask = keep.to(linear.weight.dtype)
+    linear.register_forward_pre_hook(lambda module, args: (args[0] * mask.to(args[0].device, args[0].dtype),
+                                                           *args[1:]))  # fmt: skip
     return int((~keep).sum())
 
 

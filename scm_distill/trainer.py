@@ -35,7 +35,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import DistillConfig
-from .data import ImageSet, batch_indices, collate, load_images
+from .data import ImageSet, as_image_set, batch_indices, collate, load_images
 from .ema import EMA, ema_beta
 from .errors import Interrupted, NonFiniteError, UserError
 from .export.card import is_hub_id, teacher_license
@@ -60,7 +60,7 @@ from .run_dir import RUN_LAYOUT, Layout, check_output, make_output_folder, start
 from .run_lock import RunLock
 from .seeded_dropout import SeededDropout, dropout_seed
 from .sharded_checkpoint import REPLICATED, SHARDED, check_resume, load_sharded_checkpoint, save_sharded_checkpoint
-from .student import Student, low_pass_time_embedding
+from .student import Student
 
 __all__ = ["DistillResult", "NonFiniteError", "distill"]
 
@@ -101,14 +101,15 @@ class RunState:
 
 
 def setup(config: DistillConfig, accelerator: Accelerator, teacher: Teacher | None,
-          trust_remote_code: bool = False) -> tuple[Teacher, ImageSet]:  # fmt: skip
+          trust_remote_code: bool = False, data=None) -> tuple[Teacher, ImageSet]:  # fmt: skip
     """Load and check the teacher and the data (before the output folder is touched)."""
     if teacher is None:
         teacher = load_teacher(config.teacher, config.sigma_data, accelerator.device,
                                trust_remote_code=trust_remote_code)  # fmt: skip
     teacher.configure(config)
-    data = load_images(config.data.spec, split=config.data.split, resize_to=config.data.resize_to,
-                       pad_to=config.data.pad_to, max_items=config.data.max_items)  # fmt: skip
+    data = as_image_set(data) if data is not None else \
+        load_images(config.data.spec, split=config.data.split, resize_to=config.data.resize_to,
+                    pad_to=config.data.pad_to, max_items=config.data.max_items)  # fmt: skip
     teacher.prepare(data)  # checks that the data fits the teacher first (a small data set is cheap to prepare)
     global_batch = config.train.batch_size * accelerator.num_processes
     if len(data) < global_batch:
@@ -121,7 +122,7 @@ def make_student(config: DistillConfig, teacher: Teacher) -> Student:
     prediction = None if config.student.prediction == "auto" else config.student.prediction
     model = teacher.student_model(prediction, config.student.dropout)
     if config.student.time_embedding_max_frequency is not None:
-        low_pass_time_embedding(model.network, config.student.time_embedding_max_frequency)
+        teacher.low_pass_time_embedding(model.network, config.student.time_embedding_max_frequency)
     return Student(model, config.student.logvar_channels)
 
 
@@ -207,15 +208,16 @@ class DistillResult:
 
 def distill(config: DistillConfig, resume: str | None = None, overwrite: bool = False,
             teacher: Teacher | None = None, trust_remote_code: bool = False,
-            layout: Layout = RUN_LAYOUT) -> DistillResult:  # fmt: skip
-    """Run sCD for `config` and export the EMA student to OUTPUT/pipeline. See the module docstring."""
+            layout: Layout = RUN_LAYOUT, data=None) -> DistillResult:  # fmt: skip
+    """Run sCD for `config` and export the EMA student to OUTPUT/pipeline. See the module docstring. `data`: image
+    tensors or a torch Dataset instead of config.data (scm_distill.data.python_data)."""
     check_launcher(os.environ, config.train.parallel)
     # cpu=True without CUDA: under torchrun that is accelerate's multi-CPU (gloo) mode, not N independent runs
     # find_unused_parameters: the conversion loss does not use the logvar head (DDP fails at step 2 otherwise)
     accelerator = Accelerator(mixed_precision=config.train.mixed_precision, cpu=not torch.cuda.is_available(),
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
-    teacher, data = setup(config, accelerator, teacher, trust_remote_code)
+    teacher, data = setup(config, accelerator, teacher, trust_remote_code, data)
     train = config.train
     if train.activation_checkpointing:
         check_activation_checkpointing(teacher.model.network)

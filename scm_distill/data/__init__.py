@@ -19,6 +19,7 @@ from .builtin import BUILTINS, load_builtin
 from .hub import load_folder, load_hub
 from .imageset import ImageSet, TensorImageSet, check_compatible, collate
 from .order import batch_indices
+from .python_data import as_image_set
 from .transforms import Transform
 
 BUILTIN_NAMES = tuple(BUILTINS)
@@ -28,6 +29,7 @@ __all__ = [
     "ImageSet",
     "TensorImageSet",
     "Transform",
+    "as_image_set",
     "batch_indices",
     "check_compatible",
     "collate",

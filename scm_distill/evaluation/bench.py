@@ -42,6 +42,7 @@ class BenchSettings:
     scaling: bool = True
     prompt: str = "a photograph of a cat"  # text-to-image pipelines are timed on this prompt
     trust_remote_code: bool = False  # run Python code shipped in the export's / teacher's folder (its own pipeline)
+    network: str | None = None  # module exports: FILE.py:NAME of the network they load into (export/call.py)
 
 
 def export_times(folder: Path) -> tuple[float, float]:
@@ -54,10 +55,11 @@ def export_times(folder: Path) -> tuple[float, float]:
 
 
 def end_to_end_ms(folder: str | Path, batch_size: int, steps: int, device: torch.device, repeats: int,
-                  prompt: str, trust_remote_code: bool = False) -> float:  # fmt: skip
+                  prompt: str, trust_remote_code: bool = False, network: str | None = None) -> float:  # fmt: skip
     """Median time of a pipeline's own call (what a user times), output as tensors; text-to-image pipelines are
     called with `prompt`."""
-    sampler = PipelineSampler(folder, device=device, default_prompt=prompt, trust_remote_code=trust_remote_code)
+    sampler = PipelineSampler(folder, device=device, default_prompt=prompt, trust_remote_code=trust_remote_code,
+                              network=network)  # fmt: skip
     return measure(lambda: sampler(batch_size, steps), device, warmup=1, repeats=repeats).median_ms
 
 
@@ -79,9 +81,13 @@ def sampling_table(model: Path, student: Teacher | None, teacher: str | None, se
                    device: torch.device) -> dict:  # fmt: skip
     big = settings.throughput_batch or (256 if device.type == "cuda" else 64)
     table: dict = {"throughput_batch": big}
-    if teacher is None:
-        return table
     trust = settings.trust_remote_code
+    if teacher is None:  # the student alone (e.g. a module export, whose teacher is no pipeline folder)
+        table["student_end_to_end_batch1"] = {
+            f"student_{n}_step_ms": end_to_end_ms(model, 1, n, device, settings.repeats, settings.prompt, trust,
+                                                  settings.network)
+            for n in (1, 2)}  # fmt: skip
+        return table
     teacher_e2e = end_to_end_ms(teacher, 1, settings.teacher_steps, device, settings.repeats, settings.prompt, trust)
     student_e2e = end_to_end_ms(model, 1, 2, device, settings.repeats, settings.prompt, trust)
     table["end_to_end_batch1"] = {"teacher_ms": teacher_e2e, "student_2_step_ms": student_e2e,

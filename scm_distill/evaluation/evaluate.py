@@ -4,6 +4,12 @@ FID, KID and precision/recall through torch-fidelity in one named feature space 
 are available offline, else EfficientNet-Lite0 from PyPI - the report says which), for the student at several
 step counts (sampled through the exported pipeline, as users get it) and the teacher's own sampler at several
 step counts. Writes metrics.json, report.md, curve.png and side-by-side sample grids.
+
+With `class_accuracy` ("fashion-mnist"), every sampler's samples are also classified by the shipped yardstick
+(metrics/classifier.py) and each result records `accuracy`, the fraction classified as the class it was generated
+for: class-conditional exports (DiT) and their teachers are then called with the labels 0, 1, ..., 9, 0, ... in
+order (instead of labels drawn from the seed), text exports with --prompts whose lines are the class captions in
+class order (sample i is generated for class i mod 10, the teacher with the same prompts).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from ..files import check_writable_folder, write_atomic
 from ..generate import teacher_samples
 from ..grids import labelled_rows, save_png, to_uint8
 from ..metrics import INCEPTION_V3, compute_metrics, resolve_feature_extractor
+from ..metrics.classifier import NUM_CLASSES, YARDSTICKS, class_accuracy
 from ..metrics.features import tensor_weights
 
 
@@ -42,6 +49,39 @@ class EvalSettings:
     prompts: tuple[str, ...] | None = None  # text-to-image: the prompts, in order, cycled over the samples
     teacher_guidance_scale: float | None = None  # None: the scale the export was distilled at (when it says)
     trust_remote_code: bool = False  # run Python code shipped in the export's / teacher's folder (its own pipeline)
+    class_accuracy: str | None = None  # a YARDSTICKS name: also measure class accuracy (classes in label order)
+    network: str | None = None  # module exports: FILE.py:NAME of the network they load into (export/call.py)
+
+
+class LabelledSampler(PipelineSampler):
+    """A PipelineSampler whose class-conditional calls take the labels 0..NUM_CLASSES-1 in order (cycled), so
+    that every class is generated equally and each sample's class is known."""
+
+    def inputs(self, n: int, seed: int, start: int) -> dict:
+        if self.conditioning == "class":
+            return {"class_labels": sample_labels(n, start).tolist()}
+        return super().inputs(n, seed, start)
+
+
+def sample_labels(n: int, start: int = 0) -> torch.Tensor:
+    """The class of samples start..start+n-1 under class accuracy: i mod NUM_CLASSES (prompt lines in class order
+    give the same for text exports)."""
+    return (torch.arange(start, start + n) % NUM_CLASSES).to(torch.int64)
+
+
+def check_class_accuracy(settings: EvalSettings, sampler: PipelineSampler) -> None:
+    """One-sentence errors for a class-accuracy request the export cannot answer."""
+    if settings.class_accuracy is None:
+        return
+    if settings.class_accuracy not in YARDSTICKS:
+        raise UserError(f"--class-accuracy {settings.class_accuracy!r} has no classifier; known: "
+                        f"{', '.join(YARDSTICKS)}.")  # fmt: skip
+    if sampler.conditioning == "unconditional":
+        raise UserError(f"'{sampler.folder}' is unconditional, so its samples have no class; --class-accuracy "
+                        f"needs a class-conditional or text-to-image export.")  # fmt: skip
+    if sampler.conditioning == "text" and len(sampler.prompts) != NUM_CLASSES:
+        raise UserError(f"--class-accuracy needs --prompts with the {NUM_CLASSES} class captions in class order, "
+                        f"one per line; got {len(sampler.prompts)} prompts.")  # fmt: skip
 
 
 def reference_images(spec: str, shape: tuple[int, ...], settings: EvalSettings) -> tuple[torch.Tensor, str]:
@@ -81,6 +121,8 @@ def teacher_images(teacher, steps: int, settings: EvalSettings) -> torch.Tensor:
         generator = torch.Generator().manual_seed(settings.seed + done)
         if prompts:
             inputs = {"prompt": [prompts[(done + i) % len(prompts)] for i in range(n)]}
+        elif settings.class_accuracy is not None:
+            inputs = {"class_labels": sample_labels(n, done).tolist()}
         else:
             inputs = teacher.sample_inputs(n, generator)
         x0 = teacher_samples(teacher.model, (n, *teacher.sample_shape), steps, generator, teacher.condition_for(inputs))
@@ -115,10 +157,15 @@ def evaluate(model: Path, reference: str, output: Path, teacher: str | None = No
     if extractor == INCEPTION_V3:
         tensor_weights(weights)  # a pickled payload is refused before anything is sampled
     check_writable_folder(output, "--output")
-    sampler = PipelineSampler(model, settings.prompts, trust_remote_code=settings.trust_remote_code)
+    sampler_class = LabelledSampler if settings.class_accuracy else PipelineSampler
+    sampler = sampler_class(model, settings.prompts, trust_remote_code=settings.trust_remote_code,
+                            network=settings.network)  # fmt: skip
+    check_class_accuracy(settings, sampler)
     teacher_model = load_teacher(teacher, trust_remote_code=settings.trust_remote_code) if teacher else None
     guidance = teacher_guidance(teacher_model, sampler.guidance_scale, settings) if teacher_model else None
     shape = tuple(sampler(1, min(settings.steps), settings.seed).shape[1:])  # one image: the export's output shape
+    if teacher_model is not None and hasattr(teacher_model, "at_resolution"):
+        teacher_model.at_resolution(shape[1:])  # not the pipeline's default size (FLUX, Sana: 1024 px)
     ref, ref_name = reference_images(reference, shape, settings)
     sets = {f"student@{s}": student_images(sampler, s, settings) for s in settings.steps}
     if teacher_model:
@@ -128,9 +175,12 @@ def evaluate(model: Path, reference: str, output: Path, teacher: str | None = No
     results = {name: compute_metrics(images, ref, feature_extractor=extractor, weights_path=weights,
                                      cache_dir=str(output / ".fidelity-cache"), reference_cache_key=cache_key)
                for name, images in sets.items()}  # fmt: skip
+    if settings.class_accuracy:
+        for name, images in sets.items():
+            results[name]["accuracy"] = class_accuracy(images, sample_labels(len(images)))
     metrics = {"model": str(model), "teacher": teacher, "reference": ref_name, "num_reference": len(ref),
                "num_samples": settings.num_samples, "num_prompts": len(settings.prompts or ()),
-               "teacher_guidance_scale": guidance,
+               "teacher_guidance_scale": guidance, "class_accuracy": settings.class_accuracy,
                "feature_extractor": extractor, "feature_note": note,
                "results": results}  # fmt: skip
     write_evaluation(output, metrics, sets)
@@ -152,11 +202,20 @@ def write_evaluation(output: Path, metrics: dict, sets: dict) -> None:
         f"# Evaluation of `{metrics['model']}`\n\nReference: {metrics['reference']} ({metrics['num_reference']} "
         f"images); {metrics['num_samples']} samples per sampler; feature space: **{metrics['feature_extractor']}**."
         f"\n{note}\n| sampler | network evaluations | FID | KID | precision | recall |\n|---|---|---|---|---|---|\n"
-        f"{rows}\n\n![curve](curve.png)\n\n![samples](samples.png)\n"
+        f"{rows}\n{accuracy_table(metrics)}\n![curve](curve.png)\n\n![samples](samples.png)\n"
     )  # fmt: skip
     plot_curve(metrics, output / "curve.png")
     grid = labelled_rows({name: images[:16] for name, images in sets.items()}, columns=16)
     save_png(grid, output / "samples.png")
+
+
+def accuracy_table(metrics: dict) -> str:
+    """report.md's class-accuracy table (empty without --class-accuracy)."""
+    if not metrics.get("class_accuracy"):
+        return ""
+    rows = "\n".join(f"| {name} | {r['accuracy']:.3f} |" for name, r in metrics["results"].items())
+    return (f"\nClass accuracy ({metrics['class_accuracy']} classifier, samples generated for every class "
+            f"equally):\n\n| sampler | accuracy |\n|---|---|\n{rows}\n")
 
 
 def plot_curve(metrics: dict, path: Path) -> None:

@@ -12,16 +12,19 @@ default is not the distilled one) and its distilled guidance scale.
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 from pathlib import Path
 from typing import Literal
 
 import torch
+from torch import nn
 
 from ..errors import UserError
 from ..families.base import images_to_uint8
 from .contract import read_description
 from .load import load_export
+from .module_pipeline import READING_FILE, load_student
 
 Conditioning = Literal["unconditional", "class", "text"]
 
@@ -47,20 +50,56 @@ def read_prompts(path: str | Path) -> tuple[str, ...]:
     return prompts
 
 
+def module_network(network: str | nn.Module, trust_remote_code: bool) -> nn.Module:
+    """The network a module export loads into: an nn.Module as given, or "FILE.py:NAME" - a class or function of
+    that file called without arguments (it runs the file, so only with trust_remote_code)."""
+    if isinstance(network, nn.Module):
+        return network
+    path, _, name = str(network).rpartition(":")
+    if not path.endswith(".py") or not name.isidentifier():
+        raise UserError(f"--network must be FILE.py:NAME (a class or function there that returns your network when "
+                        f"called without arguments), got '{network}'.")  # fmt: skip
+    if not Path(path).is_file():
+        raise UserError(f"--network file '{path}' does not exist.")
+    if not trust_remote_code:
+        raise UserError(f"--network runs the Python file '{path}'; pass --trust-remote-code (Python: "
+                        f"trust_remote_code=True) if you trust it.")  # fmt: skip
+    spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    made = getattr(module, name, None)
+    made = made() if callable(made) else None
+    if not isinstance(made, nn.Module):
+        raise UserError(f"--network '{network}': {name} is not a class or function of '{path}' that returns an "
+                        f"nn.Module.")  # fmt: skip
+    return made
+
+
+def load_pipeline(folder: Path, network: str | nn.Module | None, trust_remote_code: bool):
+    """An export as its call takes it: a diffusers pipeline, or the ModulePipeline of your own network."""
+    if not (folder / READING_FILE).is_file():
+        return load_export(folder, trust_remote_code=trust_remote_code)
+    if network is None:
+        raise UserError(f"'{folder}' is the export of a student of your own network; name it: --network FILE.py:NAME "
+                        f"(Python: network=YourNet()).")  # fmt: skip
+    return load_student(folder, module_network(network, trust_remote_code))
+
+
 class PipelineSampler:
     """`sampler(n, steps, seed, start)` -> uint8 images [n, C, H, W] from a pipeline folder.
 
     `start` is the index of the first image in a longer sequence: text pipelines take prompts[start:start + n]
     (cycling), so chunked generation uses every prompt in order. `default_prompt` stands in for missing prompts
-    of a text pipeline (timing, where the prompt does not matter); other pipelines ignore it.
+    of a text pipeline (timing, where the prompt does not matter); other pipelines ignore it. `network`: the
+    network a module export loads into (load_pipeline).
     """
 
     def __init__(self, folder: str | Path, prompts: tuple[str, ...] | None = None,
                  device: torch.device | None = None, default_prompt: str | None = None,
-                 trust_remote_code: bool = False):  # fmt: skip
+                 trust_remote_code: bool = False, network: str | nn.Module | None = None):  # fmt: skip
         self.folder = Path(folder)
         self.description = read_description(self.folder)
-        self.pipe = load_export(self.folder, trust_remote_code=trust_remote_code)
+        self.pipe = load_pipeline(self.folder, network, trust_remote_code)
         if device is not None:
             self.pipe = self.pipe.to(device)
         self.pipe.set_progress_bar_config(disable=True)

@@ -5,7 +5,8 @@
     images = pipe(batch_size=16, num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images
 
 The folder holds the student's weights (`student.safetensors`, the state dict of your network class), its reading
-(`scm_reading.json`: prediction type, schedule, time input, data range, sigma_d and the sampler's times), the
+(`scm_reading.json`: prediction type, schedule, time input and its scale, data range, sigma_d and the sampler's
+times), the
 description and the model card. Sampling is the toolkit's own consistency sampler (sampling.py, arXiv 2410.11081v2
 Sec. 5.2) on the network read in TrigFlow (parameterization.py), so the export and the toolkit are one code path.
 """
@@ -40,6 +41,17 @@ def plain_call(network: nn.Module, x, time, condition):
     return network(x, time, **condition)
 
 
+def scaled_time(call: NetworkCall, time_scale: float) -> NetworkCall:
+    """A call that feeds the network time_scale x the process's time input (e.g. t = i / 1000: 0.001)."""
+    if time_scale == 1.0:
+        return call
+
+    def scaled(network: nn.Module, x, time, condition):
+        return call(network, x, time * time_scale, condition)
+
+    return scaled
+
+
 def reading_process(reading: dict):
     """The schedule of a reading: a VP alphas_cumprod table or an increasing sigma table."""
     sigma_d = reading["sigma_data"]
@@ -54,10 +66,18 @@ class ModulePipeline:
     def __init__(self, network: nn.Module, reading: dict, call: NetworkCall = plain_call):
         self.network, self.reading = network, reading
         self.model = NativeModel(network, reading_process(reading), reading["prediction"], reading["sigma_data"],
-                                 call)  # fmt: skip
+                                 scaled_time(call, reading.get("time_scale", 1.0)))  # fmt: skip
 
     def set_progress_bar_config(self, **kwargs) -> None:
         """Nothing to show: one or two network calls."""
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.network.parameters()).device
+
+    def to(self, device) -> ModulePipeline:
+        self.network.to(device)
+        return self
 
     @torch.no_grad()
     def __call__(self, batch_size: int = 1, num_inference_steps: int = 2, generator=None, output_type: str = "np",

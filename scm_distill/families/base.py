@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..errors import UserError
 from ..parameterization import Condition, NativeModel, Prediction
-from ..student import student_model
+from ..student import low_pass_time_embedding, student_model
 
 if TYPE_CHECKING:
     from ..config import DistillConfig
@@ -93,6 +93,11 @@ class Teacher(ABC):
     def student_model(self, prediction: Prediction | None, dropout: float) -> NativeModel:
         """The student's network and how to read it; by default a trainable copy of the teacher's network."""
         return student_model(self.model, prediction, dropout)
+
+    def low_pass_time_embedding(self, network: torch.nn.Module, max_frequency: float) -> int:
+        """student.time_embedding_max_frequency on the student's network (default: a diffusers UNet's time_proj and
+        time_embedding, student.low_pass_time_embedding); returns the channels removed."""
+        return low_pass_time_embedding(network, max_frequency)
 
     @abstractmethod
     def prepare_batch(self, batch: dict, generator: torch.Generator) -> tuple[Tensor, Condition]:

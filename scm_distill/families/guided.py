@@ -64,6 +64,12 @@ class GuidedLatentTeacher(Teacher):
     def device(self) -> torch.device:
         return self.denoiser.device
 
+    def at_resolution(self, resolution: tuple[int, int]) -> None:
+        """Sample at `resolution` (pixels) instead of the pipeline's default size, the reading rebuilt for it (FLUX's
+        shift depends on the token count): evaluate samples the teacher at the export's size this way."""
+        self.resolution = tuple(resolution)
+        self.model = self._teacher_model(self.model.sigma_d)
+
     @property
     def uses_lora(self) -> bool:
         return self.lora is not None and self.lora.rank > 0
