@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -69,7 +70,7 @@ def main(argv=None) -> None:
               "grid_timesteps": description.network_times["2"], "fd_2_steps": fd,
               "minutes": round((time.time() - started) / 60, 2),
               "machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "torch": torch.__version__,
-              "command": "python examples/sampler_grid_cost.py " + " ".join(argv or [])}  # fmt: skip
+              "command": " ".join(["python examples/sampler_grid_cost.py", *(sys.argv[1:] if argv is None else argv)])}
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
