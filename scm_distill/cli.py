@@ -17,6 +17,7 @@ from .errors import Interrupted, UserError
 DESCRIPTION = """Distill a diffusion pipeline into a two-step consistency model (sCM, arXiv 2410.11081).
 
   scm-distill distill --teacher PATH_OR_ID --data SPEC --output DIR    train and export a 2-step pipeline
+  scm-distill export  RUN --checkpoint best --output DIR                 any checkpoint as a pipeline folder
   scm-distill sample  --model DIR                                       draw samples from an export
   scm-distill evaluate --model DIR --reference SPEC --output DIR        FID/KID/precision/recall vs steps
   scm-distill bench   --model DIR --output DIR                          sampling and training cost
@@ -47,6 +48,9 @@ def add_distill(sub, parents: list) -> None:
     p.add_argument("--resume", nargs="?", const="latest", help="continue a run: 'latest' or a checkpoint folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--export", choices=("last", "best"), dest="export_checkpoint",
+                   help="weights the run's end exports: the last step's EMA, or the collapse monitor's best "
+                        "checkpoint (default: the recipe's export.checkpoint, last)")  # fmt: skip
     p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     p.set_defaults(run=run_distill)
 
@@ -62,6 +66,8 @@ def cli_overrides(args) -> dict:
                                ("seed", args.seed)) if v is not None}  # fmt: skip
     if train:
         updates["train"] = train
+    if getattr(args, "export_checkpoint", None):
+        updates["export"] = {"checkpoint": args.export_checkpoint}
     return updates
 
 
@@ -76,6 +82,33 @@ def run_distill(args) -> int:
 
     result = distill(config, resume=args.resume, overwrite=args.overwrite, trust_remote_code=args.trust_remote_code)
     print(f"exported: {result.export_dir}")
+    return 0
+
+
+def add_export(sub, parents: list) -> None:
+    p = sub.add_parser("export", parents=parents, help="export any checkpoint of a run as a pipeline folder",
+                       description="The same pipeline folder the run's end writes, from one of its checkpoints: the "
+                                   "newest, the collapse monitor's best, or a step number.")  # fmt: skip
+    p.add_argument("run_dir", metavar="RUN", help="run directory (the --output of distill)")
+    p.add_argument("--checkpoint", default="latest", help="STEP, latest or best")
+    weights = p.add_mutually_exclusive_group()
+    weights.add_argument("--ema", dest="weights", action="store_const", const="ema",
+                         help="export the EMA weights (what runs export; the default)")  # fmt: skip
+    weights.add_argument("--raw", dest="weights", action="store_const", const="raw",
+                         help="export the raw trained weights instead of their EMA")  # fmt: skip
+    p.add_argument("--output", required=True, help="folder to write the pipeline into (must not exist)")
+    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
+    p.set_defaults(run=run_export, weights="ema")
+
+
+def run_export(args) -> int:
+    from .run_export import export_checkpoint
+
+    output = Path(args.output)
+    if output.exists():
+        raise UserError(f"--output '{output}' already exists; choose a new folder.")
+    folder = export_checkpoint(Path(args.run_dir), output, args.checkpoint, args.weights, args.trust_remote_code)
+    print(f"exported: {folder}")
     return 0
 
 
@@ -288,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scm-distill", description=DESCRIPTION, parents=[debug],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (add_distill, add_sample, add_evaluate, add_bench, add_push, add_demo, add_plan):
+    for add in (add_distill, add_export, add_sample, add_evaluate, add_bench, add_push, add_demo, add_plan):
         add(sub, parents=[debug])
     return parser
 

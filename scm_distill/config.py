@@ -94,6 +94,8 @@ class SamplingConfig:
 class ExportConfig:
     eval_samples: int = 0  # samples for the model card's Frechet distance (0: report speed only)
     base_model_id: str | None = None  # Hub id of the teacher for the model card (default: the --teacher value)
+    # which EMA weights the run's end exports: the last step's, or the collapse monitor's best (checkpoints/best)
+    checkpoint: Literal["last", "best"] = "last"
 
 
 @dataclass(frozen=True)
@@ -310,6 +312,8 @@ def range_checks(c: DistillConfig) -> list[tuple[bool, str]]:
         (s.teacher_steps >= 1, "sampling.teacher_steps must be at least 1."),
         (s.grid_size >= 1, "sampling.grid_size must be at least 1."),
         (c.export.eval_samples >= 0, "export.eval_samples must be non-negative."),
+        (c.export.checkpoint == "last" or t.sample_every > 0, "--export best needs the collapse monitor, which "
+                                                              "measures every train.sample_every steps; set it > 0."),
         (g.s_min >= 1, f"guidance.s_min must be at least 1 (no guidance), got {g.s_min}."),
         (at_least(g.s_max, g.s_min), "guidance.s_max must not be below guidance.s_min."),
         (at_least(g.scale, 1), f"guidance.scale must be at least 1, got {g.scale}."),

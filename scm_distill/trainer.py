@@ -46,6 +46,7 @@ from .fingerprint import check_fingerprint, resumable_changes, resumable_config,
 from .finite import check_initial_weights, check_samples, check_weights
 from .generate import sampling_times, teacher_samples
 from .grids import labelled_rows, save_png, to_uint8
+from .monitor import degraded, images01, paired_distance, warning_line
 from .objective import FRegressionLoss, SCDLoss
 from .optim import learning_rate, make_optimizer
 from .parallel import (
@@ -57,12 +58,14 @@ from .parallel import (
     single_process_note,
 )
 from .run_dir import RUN_LAYOUT, Layout, check_output, make_output_folder, start_run_dir
+from .run_export import BEST, checkpoint_weights, with_weights
 from .run_lock import RunLock
 from .seeded_dropout import SeededDropout, dropout_seed
 from .sharded_checkpoint import REPLICATED, SHARDED, check_resume, load_sharded_checkpoint, save_sharded_checkpoint
 from .student import Student, low_pass_time_embedding
 
 __all__ = ["DistillResult", "NonFiniteError", "distill"]
+
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
@@ -98,22 +101,34 @@ class RunState:
     skipped_total: int = 0
     skipped_in_a_row: int = 0
     train_seconds: float = 0.0
+    best_distance: float | None = None  # the collapse monitor's best distance so far (monitor.py) and its step
+    best_step: int | None = None
+    degraded: bool = False  # the last measurement was over the monitor's degradation rule (warned once)
 
 
-def setup(config: DistillConfig, accelerator: Accelerator, teacher: Teacher | None,
+def run_state(saved: dict, checkpoint: Path) -> RunState:
+    """The counters of a checkpoint's state.json (monitor fields default: checkpoints from before the monitor)."""
+    fields = RunState.__dataclass_fields__
+    required = ("step", "samples_seen", "skipped_total", "skipped_in_a_row", "train_seconds")
+    missing = [k for k in required if k not in saved]
+    if missing:
+        raise UserError(f"checkpoint '{checkpoint}' has a state.json without '{missing[0]}'.")
+    return RunState(**{k: saved[k] for k in fields if k in saved})
+
+
+def setup(config: DistillConfig, device: torch.device, num_processes: int, teacher: Teacher | None,
           trust_remote_code: bool = False) -> tuple[Teacher, ImageSet]:  # fmt: skip
     """Load and check the teacher and the data (before the output folder is touched)."""
     if teacher is None:
-        teacher = load_teacher(config.teacher, config.sigma_data, accelerator.device,
-                               trust_remote_code=trust_remote_code)  # fmt: skip
+        teacher = load_teacher(config.teacher, config.sigma_data, device, trust_remote_code=trust_remote_code)
     teacher.configure(config)
     data = load_images(config.data.spec, split=config.data.split, resize_to=config.data.resize_to,
                        pad_to=config.data.pad_to, max_items=config.data.max_items)  # fmt: skip
     teacher.prepare(data)  # checks that the data fits the teacher first (a small data set is cheap to prepare)
-    global_batch = config.train.batch_size * accelerator.num_processes
+    global_batch = config.train.batch_size * num_processes
     if len(data) < global_batch:
         raise UserError(f"data '{data.name}' has {len(data)} images, fewer than one batch of {global_batch} "
-                        f"(train.batch_size x {accelerator.num_processes} processes); lower --batch-size.")  # fmt: skip
+                        f"(train.batch_size x {num_processes} processes); lower --batch-size.")  # fmt: skip
     return teacher, data
 
 
@@ -148,10 +163,7 @@ def restore(checkpoint: Path, contents: tuple, student: Student, ema: EMA, optim
         optimizer.load_state_dict(optimizer_state)
     except (ValueError, KeyError) as error:
         raise UserError(f"checkpoint '{checkpoint}' has an optimizer state that does not match ({error}).") from None
-    try:
-        return RunState(**{k: state[k] for k in RunState.__dataclass_fields__})
-    except KeyError as error:
-        raise UserError(f"checkpoint '{checkpoint}' has a state.json without '{error.args[0]}'.") from None
+    return run_state(state, checkpoint)
 
 
 def check_stop_step(checkpoint: Path, state: RunState, total: int) -> None:
@@ -173,8 +185,9 @@ class SampleGrids:
     def _generator(self) -> torch.Generator:
         return torch.Generator(self.device).manual_seed(self.config.train.seed)
 
-    def write(self, student: Student, path: Path, save: bool = True) -> Path:
-        """Sample and save the grid; with sharded models every process samples (collective), one saves."""
+    def write(self, student: Student, path: Path, save: bool = True) -> float:
+        """Sample and save the grid; returns the collapse monitor's distance of its 2-step row to the teacher's
+        row (monitor.py). With sharded models every process samples (collective), one saves."""
         steps_teacher = self.config.sampling.teacher_steps
         if self.teacher_row is None:
             x0 = teacher_samples(self.teacher.model, (self.n, *self.teacher.sample_shape), steps_teacher,
@@ -185,7 +198,11 @@ class SampleGrids:
         for steps in (2, 1):
             rows[f"student (EMA), {steps} step{'s' * (steps > 1)}"] = self.teacher.student_images(
                 student.network, info, self.inputs, steps, self._generator())
-        return save_png(labelled_rows(rows, columns=self.n), path) if save else path
+        if save:
+            self.image = labelled_rows(rows, columns=self.n)
+            save_png(self.image, path)
+        two_step = rows["student (EMA), 2 steps"]
+        return paired_distance(images01(two_step), images01(self.teacher_row))
 
 
 def sampler_info(config: DistillConfig, student: Student, **facts) -> ExportInfo:
@@ -215,7 +232,7 @@ def distill(config: DistillConfig, resume: str | None = None, overwrite: bool = 
     accelerator = Accelerator(mixed_precision=config.train.mixed_precision, cpu=not torch.cuda.is_available(),
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
-    teacher, data = setup(config, accelerator, teacher, trust_remote_code)
+    teacher, data = setup(config, accelerator.device, world, teacher, trust_remote_code)
     train = config.train
     if train.activation_checkpointing:
         check_activation_checkpointing(teacher.model.network)
@@ -239,7 +256,7 @@ def distill(config: DistillConfig, resume: str | None = None, overwrite: bool = 
     if resume:
         checkpoint, saved = resume_from(Path(config.output), resume, storage, world, accum, student, ema, optimizer,
                                         fingerprint)  # fmt: skip
-        state = RunState(**{k: saved[k] for k in RunState.__dataclass_fields__})
+        state = run_state(saved, checkpoint)
         check_stop_step(checkpoint, state, total)
         resumes = saved.get("resumes", []) + [{"step": state.step, "changes": resumable_changes(saved, config)}]
     facts = {"fingerprint": fingerprint, "resumable": resumable_config(config), "resumes": resumes,
@@ -270,15 +287,29 @@ def distill(config: DistillConfig, resume: str | None = None, overwrite: bool = 
                    mininterval=1 if sys.stderr.isatty() else 30)  # a log file gets a line every 30 s, not every step
         shown_loss, started = math.nan, time.time() - state.train_seconds
 
-        def save(at: RunState) -> None:
-            folder = run_dir / "checkpoints" / checkpoint_name(at.step)
+        def save(at: RunState, name: str | None = None) -> None:
+            """A checkpoint of the step (pruned to the newest keep_checkpoints), or the named one (`best`, kept)."""
+            folder = run_dir / "checkpoints" / (name or checkpoint_name(at.step))
             if storage == SHARDED:
                 save_sharded_checkpoint(folder, student, ema, optimizer, {**vars(at), **facts}, main)
             elif main:
                 save_checkpoint(folder, student.state_dict(), ema.state_dict(), optimizer.state_dict(),
                                 {**vars(at), **facts})  # fmt: skip
-            if main:
+            if main and name is None:
                 prune_checkpoints(run_dir, train.keep_checkpoints)
+
+        def watch(distance: float) -> None:
+            """The collapse monitor's verdict on a measurement: keep the best checkpoint, warn on degradation."""
+            if math.isfinite(distance) and (state.best_distance is None or distance < state.best_distance):
+                state.best_distance, state.best_step, state.degraded = distance, state.step, False
+                save(state, BEST)
+            elif degraded(distance, state.best_distance):
+                if not state.degraded and main:
+                    tqdm.write(warning_line(distance, state.best_distance, state.best_step, state.step),
+                               file=sys.stderr)  # fmt: skip
+                state.degraded = True
+            else:
+                state.degraded = False
 
         log = open(run_dir / "log.jsonl", "a") if main else None  # noqa: SIM115 - closed in the finally below
         try:
@@ -333,14 +364,19 @@ def distill(config: DistillConfig, resume: str | None = None, overwrite: bool = 
                 shown_loss = loss_value if math.isnan(shown_loss) or not finite else 0.9 * shown_loss + 0.1 * loss_value
                 bar.set_postfix(phase=phase, loss=f"{shown_loss:.4f}", skipped=state.skipped_total, refresh=False)
                 bar.update(1)
-                if log and (state.step % train.log_every == 0 or state.step == total):
+                distance = None
+                if grids and (state.step % train.sample_every == 0 or state.step == total):
+                    distance = grids.write(ema.module, run_dir / "samples" / f"{checkpoint_name(state.step)}.png",
+                                           save=main)  # fmt: skip
+                    watch(distance)
+                if log and (state.step % train.log_every == 0 or state.step == total or distance is not None):
                     record = {"step": state.step, "phase": phase, "loss": loss_value, "grad_norm": float(grad_norm),
                               "lr": lr, "skipped": state.skipped_total,
                               "seconds": round(state.train_seconds, 3)}  # fmt: skip
+                    if distance is not None:
+                        record["monitor"] = distance if math.isfinite(distance) else None
                     log.write(json.dumps(record) + "\n")
                     log.flush()
-                if grids and (state.step % train.sample_every == 0 or state.step == total):
-                    grids.write(ema.module, run_dir / "samples" / f"{checkpoint_name(state.step)}.png", save=main)
                 if checkpoint_now:
                     save(state)
                     accelerator.wait_for_everyone()
@@ -359,9 +395,15 @@ def distill(config: DistillConfig, resume: str | None = None, overwrite: bool = 
         check_weights({"student": student}, state.step)  # a collective when sharded: every rank checks
         exported = sharding.full(ema.module, main) if sharding else ema.module  # sharded: gathered to the main CPU
         if main:
+            label = f"last (step {state.step})"
+            if config.export.checkpoint == BEST:  # the collapse monitor's best EMA (monitor.py)
+                best = run_dir / "checkpoints" / BEST
+                exported = with_weights(exported, checkpoint_weights(best), f"checkpoint '{best}'")
+                label = f"best by the collapse monitor (step {state.best_step} of {state.step})"
             check_weights({"EMA student": exported}, state.step)
             check_samples(ema_samples(config, teacher, exported), state.step)
-            export_student(config, teacher, exported, export_dir, run_dir, state, convert_steps, world * accum)
+            export_student(config, teacher, exported, export_dir, run_dir, state, convert_steps, world * accum,
+                           checkpoint=label)  # fmt: skip
         accelerator.wait_for_everyone()
         return DistillResult(run_dir, export_dir, student, exported if main else ema.module, state)
     finally:
@@ -452,8 +494,9 @@ def train_clip(config: DistillConfig) -> float:
 
 
 def export_student(config: DistillConfig, teacher: Teacher, student: Student, export_dir: Path, run_dir: Path,
-                   state: RunState, convert_steps: int, world: int) -> Path:  # fmt: skip
-    """Export the EMA student with the run's facts (the steps it actually trained) in the model card."""
+                   state: RunState, convert_steps: int, world: int, checkpoint: str | None = None) -> Path:  # fmt: skip
+    """Export the EMA student with the run's facts (the steps it actually trained, the checkpoint) in the model
+    card."""
     grids = sorted((run_dir / "samples").glob("*.png")) if (run_dir / "samples").is_dir() else []
     batch = config.train.batch_size * world
     facts = {
@@ -464,6 +507,10 @@ def export_student(config: DistillConfig, teacher: Teacher, student: Student, ex
         "training time": f"{state.train_seconds / 60:.1f} min",
         "skipped (non-finite) steps": state.skipped_total,
     }
+    if checkpoint:
+        facts["exported checkpoint"] = checkpoint
+    if state.best_distance is not None:
+        facts["collapse monitor, best distance (RMS px)"] = f"{state.best_distance:.4f} at step {state.best_step}"
     info = sampler_info(config, student, license=teacher_license(teacher), card_facts=facts,
                         sample_grid=grids[-1] if grids else None)  # fmt: skip
     return export_pipeline(teacher, student.network, export_dir, info)
