@@ -48,6 +48,9 @@ def add_distill(sub, parents: list) -> None:
     p.add_argument("--resume", nargs="?", const="latest", help="continue a run: 'latest' or a checkpoint folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--report-to", choices=("none", "tensorboard", "wandb"),
+                   help="tracker of the loss, gradient norm, learning rate, collapse monitor and sample grids, "
+                        "through accelerate (files under OUTPUT/logs; default: the recipe's train.report_to, none)")
     p.add_argument("--export", choices=("last", "best"), dest="export_checkpoint",
                    help="weights the run's end exports: the last step's EMA, or the collapse monitor's best "
                         "checkpoint (default: the recipe's export.checkpoint, last)")  # fmt: skip
@@ -63,7 +66,8 @@ def cli_overrides(args) -> dict:
     if args.data is not None:
         updates["data"] = {"spec": args.data}
     train = {k: v for k, v in (("max_steps", args.max_steps), ("batch_size", args.batch_size),
-                               ("seed", args.seed)) if v is not None}  # fmt: skip
+                               ("seed", args.seed), ("report_to", getattr(args, "report_to", None)))
+             if v is not None}  # fmt: skip
     if train:
         updates["train"] = train
     if getattr(args, "export_checkpoint", None):

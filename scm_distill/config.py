@@ -80,6 +80,8 @@ class TrainConfig:
     parallel: Literal["ddp", "fsdp"] = "ddp"
     grad_accum_steps: int = 1  # micro-batches per optimizer step; micro-batch m of rank r is virtual rank r*N+m
     activation_checkpointing: bool = False  # recompute the student's blocks in the gradient pass (never the JVP)
+    # accelerate tracker of the logged numbers, the collapse monitor and the sample grids (tracking.py)
+    report_to: Literal["none", "tensorboard", "wandb"] = "none"
 
 
 @dataclass(frozen=True)

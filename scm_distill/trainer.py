@@ -63,6 +63,7 @@ from .run_lock import RunLock
 from .seeded_dropout import SeededDropout, dropout_seed
 from .sharded_checkpoint import REPLICATED, SHARDED, check_resume, load_sharded_checkpoint, save_sharded_checkpoint
 from .student import Student, low_pass_time_embedding
+from .tracking import accelerator_trackers, check_tracker, log_grid, log_record, start_trackers, write_loss_plot
 
 __all__ = ["DistillResult", "NonFiniteError", "distill"]
 
@@ -227,10 +228,12 @@ def distill(config: DistillConfig, resume: str | None = None, overwrite: bool = 
             layout: Layout = RUN_LAYOUT) -> DistillResult:  # fmt: skip
     """Run sCD for `config` and export the EMA student to OUTPUT/pipeline. See the module docstring."""
     check_launcher(os.environ, config.train.parallel)
+    check_tracker(config.train.report_to)
     # cpu=True without CUDA: under torchrun that is accelerate's multi-CPU (gloo) mode, not N independent runs
     # find_unused_parameters: the conversion loss does not use the logvar head (DDP fails at step 2 otherwise)
     accelerator = Accelerator(mixed_precision=config.train.mixed_precision, cpu=not torch.cuda.is_available(),
-                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+                              **accelerator_trackers(config))  # fmt: skip
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     teacher, data = setup(config, accelerator.device, world, teacher, trust_remote_code)
     train = config.train
@@ -273,6 +276,7 @@ def distill(config: DistillConfig, resume: str | None = None, overwrite: bool = 
         if main:
             start_run_dir(config, resume is not None, overwrite, layout)
             truncate_log(run_dir / "log.jsonl", state.step)
+            start_trackers(accelerator, config)
         accelerator.wait_for_everyone()
         student_ddp, optimizer = (student, optimizer) if storage == SHARDED else accelerator.prepare(student, optimizer)
         dropout = SeededDropout(student.model.network) if config.student.dropout > 0 else None
@@ -286,6 +290,7 @@ def distill(config: DistillConfig, resume: str | None = None, overwrite: bool = 
         bar = tqdm(total=total, initial=state.step, disable=not main, desc="distill", dynamic_ncols=True,
                    mininterval=1 if sys.stderr.isatty() else 30)  # a log file gets a line every 30 s, not every step
         shown_loss, started = math.nan, time.time() - state.train_seconds
+        last_logged = (state.samples_seen, state.train_seconds)  # for samples per second between log records
 
         def save(at: RunState, name: str | None = None) -> None:
             """A checkpoint of the step (pruned to the newest keep_checkpoints), or the named one (`best`, kept)."""
@@ -373,12 +378,21 @@ def distill(config: DistillConfig, resume: str | None = None, overwrite: bool = 
                     record = {"step": state.step, "phase": phase, "loss": loss_value, "grad_norm": float(grad_norm),
                               "lr": lr, "skipped": state.skipped_total,
                               "seconds": round(state.train_seconds, 3)}  # fmt: skip
+                    seconds = state.train_seconds - last_logged[1]
+                    if seconds > 0:
+                        record["samples_per_second"] = round((state.samples_seen - last_logged[0]) / seconds, 2)
+                    last_logged = (state.samples_seen, state.train_seconds)
                     if distance is not None:
                         record["monitor"] = distance if math.isfinite(distance) else None
                     log.write(json.dumps(record) + "\n")
                     log.flush()
+                    log_record(accelerator, record)
+                if distance is not None and main:
+                    log_grid(accelerator, grids.image, state.step)
                 if checkpoint_now:
                     save(state)
+                    if main:
+                        write_loss_plot(run_dir)
                     accelerator.wait_for_everyone()
         except KeyboardInterrupt:
             raise Interrupted(interrupted_sentence(run_dir, state.step)) from None
@@ -390,6 +404,8 @@ def distill(config: DistillConfig, resume: str | None = None, overwrite: bool = 
             bar.close()
             if log:
                 log.close()
+                write_loss_plot(run_dir)
+                accelerator.end_training()
 
         export_dir = run_dir / "pipeline"
         check_weights({"student": student}, state.step)  # a collective when sharded: every rank checks
