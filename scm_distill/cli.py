@@ -77,8 +77,9 @@ def cli_overrides(args) -> dict:
 
 def run_distill(args) -> int:
     from .config import resolve, to_dict
+    from .parallel import launcher_settings
 
-    config = resolve(args.recipe, cli_overrides(args), args.set)
+    config = launcher_settings(resolve(args.recipe, cli_overrides(args), args.set), os.environ)
     if args.dry_run:
         print(json.dumps(to_dict(config), indent=2))
         return 0

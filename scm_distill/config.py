@@ -66,7 +66,8 @@ class TrainConfig:
     max_steps: int = 2_000  # sCD optimizer steps (after the conversion steps)
     convert_steps: int = 200  # warm-start steps regressing the student's F onto the teacher's (0 to skip)
     seed: int = 0
-    mixed_precision: Literal["no", "bf16"] = "no"
+    # bf16 autocast or none; null: what `accelerate launch --mixed_precision` / `accelerate config` say (else no)
+    mixed_precision: Literal["no", "bf16"] | None = None
     ema_halflife_kimg: float = 500.0  # EMA half-life in thousands of samples (paper CIFAR-10: 0.5 Mimg)
     ema_rampup_ratio: float | None = 0.05  # half-life <= ratio x samples seen (None: no ramp-up)
     checkpoint_every: int = 500  # steps; 0 disables intermediate checkpoints
@@ -76,9 +77,12 @@ class TrainConfig:
     max_nonfinite_in_a_row: int = 20  # stop the run after this many skipped (non-finite) steps in a row
     num_workers: int = 0  # DataLoader workers
     # ddp: every process holds the whole training state; fsdp: FSDP2 shards the student, its gradients, optimizer
-    # state and EMA and the teacher per block across the processes (scm_distill/parallel.py)
-    parallel: Literal["ddp", "fsdp"] = "ddp"
-    grad_accum_steps: int = 1  # micro-batches per optimizer step; micro-batch m of rank r is virtual rank r*N+m
+    # state and EMA and the teacher per block across the processes (scm_distill/parallel.py); null: fsdp when the
+    # accelerate config asks for FSDP2, else ddp
+    parallel: Literal["ddp", "fsdp"] | None = None
+    # micro-batches per optimizer step (micro-batch m of rank r is virtual rank r*N+m); null: accelerate's
+    # ACCELERATE_GRADIENT_ACCUMULATION_STEPS, else 1
+    grad_accum_steps: int | None = None
     activation_checkpointing: bool = False  # recompute the student's blocks in the gradient pass (never the JVP)
     # accelerate tracker of the logged numbers, the collapse monitor and the sample grids (tracking.py)
     report_to: Literal["none", "tensorboard", "wandb"] = "none"
@@ -297,7 +301,7 @@ def range_checks(c: DistillConfig) -> list[tuple[bool, str]]:
         (t.max_steps >= 1, f"train.max_steps must be at least 1 (0 would export the untrained student), got "
                            f"{t.max_steps}."),
         (t.convert_steps >= 0, "train.convert_steps must be non-negative."),
-        (t.grad_accum_steps >= 1, f"train.grad_accum_steps must be at least 1, got {t.grad_accum_steps}."),
+        (at_least(t.grad_accum_steps, 1), f"train.grad_accum_steps must be at least 1, got {t.grad_accum_steps}."),
         (not (c.objective.compile_jvp and t.parallel == "fsdp"),
          "objective.compile_jvp is not supported with train.parallel fsdp yet (untested through FSDP2's hooks)."),
         (0 <= t.seed < SEED_LIMIT, f"train.seed must be in [0, 2**32), got {t.seed}."),

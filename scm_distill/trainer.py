@@ -55,6 +55,7 @@ from .parallel import (
     check_launcher,
     clip_grad_norm,
     enable_activation_checkpointing,
+    launcher_settings,
     single_process_note,
 )
 from .run_dir import RUN_LAYOUT, Layout, check_output, make_output_folder, start_run_dir
@@ -227,6 +228,7 @@ def distill(config: DistillConfig, resume: str | None = None, overwrite: bool = 
             teacher: Teacher | None = None, trust_remote_code: bool = False,
             layout: Layout = RUN_LAYOUT) -> DistillResult:  # fmt: skip
     """Run sCD for `config` and export the EMA student to OUTPUT/pipeline. See the module docstring."""
+    config = launcher_settings(config, os.environ)  # what the recipe leaves unset comes from accelerate launch
     check_launcher(os.environ, config.train.parallel)
     check_tracker(config.train.report_to)
     # cpu=True without CUDA: under torchrun that is accelerate's multi-CPU (gloo) mode, not N independent runs
