@@ -54,6 +54,11 @@ def add_distill(sub, parents: list) -> None:
     p.add_argument("--export", choices=("last", "best"), dest="export_checkpoint",
                    help="weights the run's end exports: the last step's EMA, or the collapse monitor's best "
                         "checkpoint (default: the recipe's export.checkpoint, last)")  # fmt: skip
+    p.add_argument("--push-to-hub", action="store_true",
+                   help="publish the final export (never checkpoints) to the Hub when the run ends")  # fmt: skip
+    p.add_argument("--hub-model-id", help="Hub repository of --push-to-hub, e.g. user/my-2step-model")
+    p.add_argument("--hub-private", action="store_true", help="create the --push-to-hub repository as private")
+    p.add_argument("--license", help="licence of the published card when the teacher's card states none")
     p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     p.set_defaults(run=run_distill)
 
@@ -83,11 +88,38 @@ def run_distill(args) -> int:
     if args.dry_run:
         print(json.dumps(to_dict(config), indent=2))
         return 0
+    if args.push_to_hub:
+        check_push(args, config)
     from .trainer import distill
 
     result = distill(config, resume=args.resume, overwrite=args.overwrite, trust_remote_code=args.trust_remote_code)
     print(f"exported: {result.export_dir}")
+    if args.push_to_hub and result.is_main:
+        from .export.push import push_to_hub
+
+        url = push_to_hub(result.export_dir, args.hub_model_id, private=args.hub_private, license=args.license)
+        print(f"pushed: {url}")
     return 0
+
+
+def check_push(args, config) -> None:
+    """--push-to-hub's settings, checked before training: a repository id, and a licence for the card (the
+    teacher's card's, else --license)."""
+    from .export.push import check_repo_id
+
+    if not args.hub_model_id:
+        raise UserError("--push-to-hub needs --hub-model-id NAME (e.g. user/my-2step-model).")
+    check_repo_id(args.hub_model_id, "--hub-model-id")
+    if not args.license and not teacher_card_license(config.teacher):
+        raise UserError(f"teacher '{config.teacher}' has no licence in its model card; pass --license (the teacher's "
+                        f"own terms, e.g. --license apache-2.0) to publish the export.")  # fmt: skip
+
+
+def teacher_card_license(teacher: str) -> str | None:
+    from .export.card import folder_license
+    from .families import resolve_folder
+
+    return folder_license(resolve_folder(teacher))
 
 
 def add_export(sub, parents: list) -> None:
@@ -199,13 +231,15 @@ def add_push(sub, parents: list) -> None:
     p.add_argument("--private", action="store_true")
     p.add_argument("--token", help="Hub token (default: the logged-in one)")
     p.add_argument("--revision", help="branch to push to")
+    p.add_argument("--license", help="licence of the card when the teacher's own card states none (e.g. apache-2.0)")
     p.set_defaults(run=run_push)
 
 
 def run_push(args) -> int:
     from .export.push import push_to_hub
 
-    url = push_to_hub(args.folder, args.repo_id, private=args.private, token=args.token, revision=args.revision)
+    url = push_to_hub(args.folder, args.repo_id, private=args.private, token=args.token, revision=args.revision,
+                      license=args.license)  # fmt: skip
     print(f"pushed: {url}")
     return 0
 

@@ -222,6 +222,7 @@ class DistillResult:
     student: Student  # this process's trained (unwrapped) student
     ema: Student  # the EMA student, the exported weights
     state: RunState
+    is_main: bool = True  # the main process (the one that wrote the export)
 
 
 def distill(config: DistillConfig, resume: str | None = None, overwrite: bool = False,
@@ -423,7 +424,7 @@ def distill(config: DistillConfig, resume: str | None = None, overwrite: bool = 
             export_student(config, teacher, exported, export_dir, run_dir, state, convert_steps, world * accum,
                            checkpoint=label)  # fmt: skip
         accelerator.wait_for_everyone()
-        return DistillResult(run_dir, export_dir, student, exported if main else ema.module, state)
+        return DistillResult(run_dir, export_dir, student, exported if main else ema.module, state, main)
     finally:
         if lock:
             lock.release()
@@ -524,6 +525,9 @@ def export_student(config: DistillConfig, teacher: Teacher, student: Student, ex
         "sCD steps x batch": f"{max(state.step - convert_steps, 0)} x {batch}",
         "training time": f"{state.train_seconds / 60:.1f} min",
         "skipped (non-finite) steps": state.skipped_total,
+        "optimizer": f"{config.optim.name}, lr {learning_rate_text(config, batch)}, betas {list(config.optim.betas)}",
+        "EMA half-life": f"{config.train.ema_halflife_kimg} kimg",
+        "sampler": f"t_mid {config.sampling.t_mid}, sigma_max {config.sampling.sigma_max}",
     }
     if checkpoint:
         facts["exported checkpoint"] = checkpoint
@@ -532,3 +536,7 @@ def export_student(config: DistillConfig, teacher: Teacher, student: Student, ex
     info = sampler_info(config, student, license=teacher_license(teacher), card_facts=facts,
                         sample_grid=grids[-1] if grids else None)  # fmt: skip
     return export_pipeline(teacher, student.network, export_dir, info)
+
+
+def learning_rate_text(config: DistillConfig, global_batch: int) -> str:
+    return f"{config.optim.lr:g}"
