@@ -34,6 +34,10 @@ class DataConfig:
     max_items: int | None = None  # use only the first N examples
     latent_cache: str | None = None  # latent teachers: folder of the on-disk latent cache (None: encode each batch)
     sigma_data_images: int = 1024  # latent teachers: images whose latents measure sigma_d (evenly spaced)
+    random_flip: bool = False  # flip each training image horizontally with probability 1/2 (seeded per step)
+    image_column: str | None = None  # hf: and folder data: the image column (None: the first Image feature)
+    caption_column: str | None = None  # hf: and folder data: the caption column (None: the first of text, caption,
+    # prompt, sentence, description)
 
 
 @dataclass(frozen=True)
@@ -54,9 +58,12 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.99)  # paper
     eps: float = 1e-8
     weight_decay: float = 0.0
-    warmup_steps: int = 0  # linear learning-rate warmup
-    decay: Literal["constant", "inverse_sqrt"] = "constant"  # inverse_sqrt: lr / sqrt(max(step / ref, 1))
+    warmup_steps: int = 0  # linear learning-rate warmup (sCD steps)
+    # learning-rate schedule of the sCD steps: constant (after the warmup); inverse_sqrt: lr / sqrt(max(step / ref,
+    # 1)); constant_with_warmup, linear, cosine: diffusers' get_scheduler over train.max_steps (optim.py)
+    decay: Literal["constant", "constant_with_warmup", "linear", "cosine", "inverse_sqrt"] = "constant"
     decay_ref_steps: int = 10_000
+    scale_lr: bool = False  # multiply lr and convert_lr by the global batch (diffusers' --scale_lr)
     grad_clip: float | None = None  # max global gradient norm (None: no clipping)
 
 
@@ -134,6 +141,9 @@ class LoraConfig:
 @dataclass(frozen=True)
 class DistillConfig:
     teacher: str = ""  # local pipeline folder or Hub id
+    teacher_revision: str | None = None  # Hub teachers: branch, tag or commit (None: main)
+    teacher_variant: str | None = None  # diffusers weight variant of the teacher's files, e.g. fp16 (None: default)
+    cache_dir: str | None = None  # Hub teachers: download cache folder (None: the Hub's, HF_HOME)
     output: str = ""  # run directory
     sigma_data: float = 0.5  # TrigFlow sigma_d (paper: 0.5 for pixels; measured for latents)
     data: DataConfig = field(default_factory=DataConfig)

@@ -36,6 +36,7 @@ from .checkpoint import (
 )
 from .config import DistillConfig
 from .data import ImageSet, batch_indices, collate, load_images
+from .data.transforms import random_flip
 from .ema import EMA, ema_beta
 from .errors import Interrupted, NonFiniteError, UserError
 from .export.card import is_hub_id, teacher_license
@@ -122,10 +123,13 @@ def setup(config: DistillConfig, device: torch.device, num_processes: int, teach
           trust_remote_code: bool = False) -> tuple[Teacher, ImageSet]:  # fmt: skip
     """Load and check the teacher and the data (before the output folder is touched)."""
     if teacher is None:
-        teacher = load_teacher(config.teacher, config.sigma_data, device, trust_remote_code=trust_remote_code)
+        teacher = load_teacher(config.teacher, config.sigma_data, device, trust_remote_code=trust_remote_code,
+                               revision=config.teacher_revision, variant=config.teacher_variant,
+                               cache_dir=config.cache_dir)  # fmt: skip
     teacher.configure(config)
     data = load_images(config.data.spec, split=config.data.split, resize_to=config.data.resize_to,
-                       pad_to=config.data.pad_to, max_items=config.data.max_items)  # fmt: skip
+                       pad_to=config.data.pad_to, max_items=config.data.max_items,
+                       image_column=config.data.image_column, caption_column=config.data.caption_column)  # fmt: skip
     teacher.prepare(data)  # checks that the data fits the teacher first (a small data set is cheap to prepare)
     global_batch = config.train.batch_size * num_processes
     if len(data) < global_batch:
@@ -326,11 +330,14 @@ def distill(config: DistillConfig, resume: str | None = None, overwrite: bool = 
                 phase = "convert" if step < convert_steps else "scd"
                 if step == convert_steps > 0:
                     ema.reset(student)  # the conversion is a warm start: the EMA averages sCD weights only
-                lr = learning_rate(step - convert_steps, config.optim, converting=phase == "convert")
+                lr = learning_rate(step - convert_steps, config.optim, converting=phase == "convert",
+                                   total_steps=train.max_steps, global_batch=train.batch_size * world * accum)
                 micro_losses = []
                 for micro, batch in enumerate(batches):
                     seed_rank = virtual_rank(rank, micro, accum)
                     generator = torch.Generator().manual_seed(step_seed(train.seed, seed_rank, step))
+                    if config.data.random_flip:
+                        batch = {**batch, "image": random_flip(batch["image"], generator)}
                     x0, condition = teacher.prepare_batch(batch, generator)
                     same_masks = dropout.step(dropout_seed(train.seed, seed_rank, step), accelerator.device) \
                         if dropout else nullcontext()  # both passes of the step draw the same dropout masks
@@ -539,4 +546,6 @@ def export_student(config: DistillConfig, teacher: Teacher, student: Student, ex
 
 
 def learning_rate_text(config: DistillConfig, global_batch: int) -> str:
-    return f"{config.optim.lr:g}"
+    o = config.optim
+    text = f"{o.lr * global_batch:g} (scale_lr: {o.lr:g} x batch {global_batch})" if o.scale_lr else f"{o.lr:g}"
+    return f"{text}, {o.decay} schedule" + (f", {o.warmup_steps} warmup steps" if o.warmup_steps else "")
