@@ -40,12 +40,16 @@ def add_distill(sub, parents: list) -> None:
                                   "imagefolder path, or hf:NAME[:CONFIG]")  # fmt: skip
     p.add_argument("--output", help="run directory (config, checkpoints, samples, pipeline/)")
     p.add_argument("--recipe", help="YAML file of config overrides (see recipes/)")
-    p.add_argument("--max-steps", type=int, help="number of sCD optimizer steps")
+    p.add_argument("--max-steps", type=int, help="sCD optimizer steps, counted after the train.convert_steps "
+                                                 "conversion steps (the run makes conversion + sCD steps; the "
+                                                 "progress bar shows both)")  # fmt: skip
     p.add_argument("--batch-size", type=int, help="batch size per process")
     p.add_argument("--seed", type=int, help="seed of every random choice of the run")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override any config field, e.g. --set optim.lr=2e-4 (repeatable)")  # fmt: skip
-    p.add_argument("--resume", nargs="?", const="latest", help="continue a run: 'latest' or a checkpoint folder")
+    p.add_argument("--resume", nargs="?", const="latest",
+                   help="continue a run: 'latest' or a checkpoint folder; with only --output RUN, the run's own "
+                        "config.json is the recipe (flags and --set still override it)")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     p.add_argument("--report-to", choices=("none", "tensorboard", "wandb"),
@@ -84,7 +88,7 @@ def run_distill(args) -> int:
     from .config import resolve, to_dict
     from .parallel import launcher_settings
 
-    config = launcher_settings(resolve(args.recipe, cli_overrides(args), args.set), os.environ)
+    config = launcher_settings(resolve(args.recipe, cli_overrides(args), args.set, base=run_base(args)), os.environ)
     if args.dry_run:
         print(json.dumps(to_dict(config), indent=2))
         return 0
@@ -100,6 +104,16 @@ def run_distill(args) -> int:
         url = push_to_hub(result.export_dir, args.hub_model_id, private=args.hub_private, license=args.license)
         print(f"pushed: {url}")
     return 0
+
+
+def run_base(args):
+    """`--resume` of a run folder without --recipe: the run's config.json is the starting point."""
+    from .config import config_from_json
+
+    saved = Path(args.output) / "config.json" if args.output else None
+    if args.resume and not args.recipe and saved is not None and saved.is_file():
+        return config_from_json(saved, check=False)
+    return None
 
 
 def check_push(args, config) -> None:
@@ -225,7 +239,8 @@ def prompts_from(args) -> tuple[str, ...] | None:
 def add_push(sub, parents: list) -> None:
     p = sub.add_parser("push", parents=parents,
                        help="publish an exported pipeline to the Hugging Face Hub",
-                       description="create_repo + upload_folder of an export (never checkpoints).")  # fmt: skip
+                       description="create_repo + one commit of an export (never checkpoints), its card filled with "
+                                   "the repository id, licence and base model.")  # fmt: skip
     p.add_argument("folder", help="exported pipeline folder")
     p.add_argument("--repo-id", required=True, help="Hub repository, e.g. user/my-2step-model")
     p.add_argument("--private", action="store_true")

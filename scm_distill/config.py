@@ -352,9 +352,11 @@ def validate(config: DistillConfig) -> DistillConfig:
     return config
 
 
-def resolve(recipe: str | None = None, cli: dict | None = None, sets: list[str] | None = None) -> DistillConfig:
-    """Defaults <- recipe <- --set FIELD=VALUE <- explicit CLI flags, then validated."""
-    config = DistillConfig()
+def resolve(recipe: str | None = None, cli: dict | None = None, sets: list[str] | None = None,
+            base: DistillConfig | None = None) -> DistillConfig:  # fmt: skip
+    """Defaults (or `base`, e.g. a run's config.json) <- recipe <- --set FIELD=VALUE <- explicit CLI flags, then
+    validated."""
+    config = base or DistillConfig()
     if recipe:
         config = override(config, load_recipe(recipe))
     if sets:
@@ -364,11 +366,12 @@ def resolve(recipe: str | None = None, cli: dict | None = None, sets: list[str] 
     return validate(config)
 
 
-def config_from_json(path: str | Path) -> DistillConfig:
+def config_from_json(path: str | Path, check: bool = True) -> DistillConfig:
     try:
         values = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
         raise UserError(f"config '{path}' cannot be read ({error.__class__.__name__}).") from None
     if not isinstance(values, dict):
         raise UserError(f"config '{path}' is not a JSON object of config fields.")
-    return validate(override(DistillConfig(), values))
+    config = override(DistillConfig(), values)
+    return validate(config) if check else config

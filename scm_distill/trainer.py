@@ -294,7 +294,9 @@ def distill(config: DistillConfig, resume: str | None = None, overwrite: bool = 
         order = StepBatches(len(data), state.step, total, train.batch_size, train.seed, rank, world, accum)
         loader = torch.utils.data.DataLoader(data, batch_sampler=order, collate_fn=collate,
                                              num_workers=train.num_workers)  # fmt: skip
-        bar = tqdm(total=total, initial=state.step, disable=not main, desc="distill", dynamic_ncols=True,
+        desc = f"distill ({convert_steps} conversion + {train.max_steps} sCD steps)" if convert_steps else \
+            f"distill ({train.max_steps} sCD steps)"  # fmt: skip
+        bar = tqdm(total=total, initial=state.step, disable=not main, desc=desc, dynamic_ncols=True,
                    mininterval=1 if sys.stderr.isatty() else 30)  # a log file gets a line every 30 s, not every step
         shown_loss, started = math.nan, time.time() - state.train_seconds
         last_logged = (state.samples_seen, state.train_seconds)  # for samples per second between log records

@@ -209,7 +209,8 @@ def test_every_push_network_failure_is_one_sentence(capsys, tiny_run, monkeypatc
         raise failure
 
     monkeypatch.setattr("scm_distill.export.push.create_repo", create_repo)
-    refuses(capsys, ["push", tiny_run.export_dir, "--repo-id", "me/model"], match, untouched=[tiny_run.export_dir])
+    refuses(capsys, ["push", tiny_run.export_dir, "--repo-id", "me/model", "--license", "mit"], match,
+            untouched=[tiny_run.export_dir])
 
 
 def test_hub_data_offline_fails_at_once_without_retries(capsys, tiny_teacher, tmp_path, monkeypatch):
