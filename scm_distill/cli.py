@@ -6,12 +6,16 @@ Every known bad input ends in one sentence on stderr and exit status 1; nothing 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import os
 import sys
+import tempfile
 import traceback
 from pathlib import Path
 
+from . import __version__
 from .errors import Interrupted, UserError
 
 DESCRIPTION = """Distill a diffusion pipeline into a two-step consistency model (sCM, arXiv 2410.11081).
@@ -26,6 +30,21 @@ DESCRIPTION = """Distill a diffusion pipeline into a two-step consistency model 
   scm-distill demo                                                      the whole path on built-in data"""
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default (flags: off; options without one: not set)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if not action.option_strings or action.required or "default" in text or action.default is argparse.SUPPRESS:
+            return text
+        if action.nargs == 0:
+            return text if isinstance(action, argparse._HelpAction | argparse._VersionAction) else f"{text} " \
+                "(default: off)"  # fmt: skip
+        if action.default is None or action.default == []:
+            return f"{text} (default: not set)"
+        return f"{text} (default: %(default)s)"
+
+
 TRUST_HELP = ("run Python code shipped in a pipeline folder (an export's own pipeline file, custom components); "
               "only for folders you trust")
 
@@ -37,14 +56,18 @@ def add_distill(sub, parents: list) -> None:
                                    "the run ends with an exported diffusers pipeline in OUTPUT/pipeline.")  # fmt: skip
     p.add_argument("--teacher", help="teacher pipeline: a local folder or a Hugging Face Hub id")
     p.add_argument("--data", help="training images: a built-in name (digits, mnist5k, fashion-mnist), an "
-                                  "imagefolder path, or hf:NAME[:CONFIG]")  # fmt: skip
+                                  "imagefolder path, or hf:NAME[:CONFIG] (default: the recipe's data.spec, else "
+                                  "digits)")  # fmt: skip
     p.add_argument("--output", help="run directory (config, checkpoints, samples, pipeline/)")
     p.add_argument("--recipe", help="YAML file of config overrides (see recipes/)")
     p.add_argument("--max-steps", type=int, help="sCD optimizer steps, counted after the train.convert_steps "
                                                  "conversion steps (the run makes conversion + sCD steps; the "
-                                                 "progress bar shows both)")  # fmt: skip
-    p.add_argument("--batch-size", type=int, help="batch size per process")
-    p.add_argument("--seed", type=int, help="seed of every random choice of the run")
+                                                 "progress bar shows both; default: the recipe's "
+                                                 "train.max_steps, else 2000)")  # fmt: skip
+    p.add_argument("--batch-size", type=int,
+                   help="batch size per process (default: the recipe's train.batch_size, else 64)")
+    p.add_argument("--seed", type=int, help="seed of every random choice of the run (default: the recipe's "
+                                            "train.seed, else 0)")  # fmt: skip
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override any config field, e.g. --set optim.lr=2e-4 (repeatable)")  # fmt: skip
     p.add_argument("--resume", nargs="?", const="latest",
@@ -90,6 +113,7 @@ def run_distill(args) -> int:
 
     config = launcher_settings(resolve(args.recipe, cli_overrides(args), args.set, base=run_base(args)), os.environ)
     if args.dry_run:
+        check_teacher_exists(config.teacher)
         print(json.dumps(to_dict(config), indent=2))
         return 0
     if args.push_to_hub:
@@ -104,6 +128,16 @@ def run_distill(args) -> int:
         url = push_to_hub(result.export_dir, args.hub_model_id, private=args.hub_private, license=args.license)
         print(f"pushed: {url}")
     return 0
+
+
+def check_teacher_exists(teacher: str) -> None:
+    """--dry-run: a teacher that is a local path must exist (a Hub id is not looked up)."""
+    from .errors import MissingFileError
+
+    path = Path(teacher).expanduser()
+    if not path.exists() and (teacher.startswith((".", "/", "~")) or teacher.count("/") != 1):
+        raise MissingFileError(f"teacher '{teacher}' does not exist (not a local folder and not a Hub id "
+                               f"'owner/name').")  # fmt: skip
 
 
 def run_base(args):
@@ -193,39 +227,69 @@ def add_sample(sub, parents: list) -> None:
     p = sub.add_parser("sample", parents=parents,
                        help="draw samples from an exported pipeline",
                        description="Load an exported pipeline with plain diffusers and save a PNG grid.")  # fmt: skip
-    p.add_argument("--model", required=True, help="exported pipeline folder")
-    p.add_argument("--num-images", type=int, default=16)
+    p.add_argument("--model", required=True, help="exported pipeline folder, or a run directory (see --checkpoint)")
+    p.add_argument("--checkpoint", help=CHECKPOINT_HELP)
+    p.add_argument("--num-images", type=int, default=16, help="images in the grid")
     p.add_argument("--steps", type=int, default=2, help="network evaluations per sample")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise (image k is the same at any --num-images)")
     p.add_argument("--prompt", action="append", help="prompt of a text-to-image export (repeatable; cycled)")
     p.add_argument("--prompts", help="text file of prompts, one per line (text-to-image exports)")
-    p.add_argument("--output", default="samples.png", help="PNG file for the grid")
+    p.add_argument("--output", default="samples.png", help="image file of the grid; its suffix (.png, .jpg, .jpeg, "
+                                                           ".webp) picks the format")
     p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     p.set_defaults(run=run_sample)
 
 
 def run_sample(args) -> int:
     from .export.call import PipelineSampler
-    from .grids import image_grid, save_png
+    from .grids import image_grid, save_image
 
     if args.num_images < 1 or args.steps < 1:
         raise UserError("--num-images and --steps must be at least 1.")
     output = Path(args.output)
     check_png_output(output)
-    sampler = PipelineSampler(args.model, prompts_from(args), trust_remote_code=args.trust_remote_code)
-    images = sampler(args.num_images, args.steps, args.seed)
+    with model_folder(args) as model:
+        sampler = PipelineSampler(model, prompts_from(args), trust_remote_code=args.trust_remote_code)
+        images = sampler(args.num_images, args.steps, args.seed)
     grid = image_grid(images, columns=min(8, args.num_images))
-    print(f"wrote {save_png(grid, output)}")
+    print(f"wrote {save_image(grid, output)}")
     return 0
 
 
+CHECKPOINT_HELP = ("with --model RUN: the run's checkpoint to use, STEP, latest or best (default: the run's "
+                   "pipeline/ export, else latest)")
+
+
+@contextlib.contextmanager
+def model_folder(args):
+    """--model as a pipeline folder: an export as given; a run directory: its pipeline/ export, or the pipeline of
+    --checkpoint exported into a temporary folder (the same folder `scm-distill export` writes)."""
+    from .run_dir import is_run_dir
+
+    model = Path(args.model)
+    if not is_run_dir(model):
+        if args.checkpoint:
+            raise UserError(f"--checkpoint needs --model to be a run directory; '{model}' is not one.")
+        yield model
+        return
+    if not args.checkpoint and (model / "pipeline" / "model_index.json").is_file():
+        yield model / "pipeline"
+        return
+    from .run_export import export_checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="scm-distill-checkpoint-") as tmp:
+        yield export_checkpoint(model, Path(tmp) / "pipeline", args.checkpoint or "latest",
+                                trust_remote_code=args.trust_remote_code)  # fmt: skip
+
+
 def check_png_output(path: Path) -> None:
-    """`sample --output` names a new or existing .png file whose folder can be written."""
+    """`sample --output` names a new or existing .png / .jpg / .jpeg / .webp file whose folder can be written."""
     from .files import check_writable_file
+    from .grids import IMAGE_FORMATS
 
     check_writable_file(path, "--output")
-    if path.suffix.lower() != ".png":
-        raise UserError(f"--output '{path}' must name a .png file.")
+    if path.suffix.lower() not in IMAGE_FORMATS:
+        raise UserError(f"--output '{path}' must name a .png, .jpg, .jpeg or .webp file.")
 
 
 def prompts_from(args) -> tuple[str, ...] | None:
@@ -243,7 +307,7 @@ def add_push(sub, parents: list) -> None:
                                    "the repository id, licence and base model.")  # fmt: skip
     p.add_argument("folder", help="exported pipeline folder")
     p.add_argument("--repo-id", required=True, help="Hub repository, e.g. user/my-2step-model")
-    p.add_argument("--private", action="store_true")
+    p.add_argument("--private", action="store_true", help="create the repository as private")
     p.add_argument("--token", help="Hub token (default: the logged-in one)")
     p.add_argument("--revision", help="branch to push to")
     p.add_argument("--license", help="licence of the card when the teacher's own card states none (e.g. apache-2.0)")
@@ -264,7 +328,7 @@ def add_demo(sub, parents: list) -> None:
                        help="distill the embedded digits teacher on the CPU and report",
                        description="Distill the built-in teacher (trained on scikit-learn digits), export, "
                                    "reload the export, sample with 1 and 2 steps, and report.")  # fmt: skip
-    p.add_argument("--output", default="demo-output")
+    p.add_argument("--output", default="demo-output", help="folder of the demo's run, export and report")
     p.add_argument("--max-steps", type=int, help="sCD steps (default: the demo recipe's)")
     p.add_argument("--num-samples", type=int, help="samples per Frechet distance (default 1000)")
     p.set_defaults(run=run_demo)
@@ -293,26 +357,28 @@ def add_evaluate(sub, parents: list) -> None:
                        help="FID/KID/precision/recall of an export (and its teacher) vs steps",
                        description="Quality against network evaluations through torch-fidelity; writes "
                                    "metrics.json, report.md, curve.png and sample grids to OUTPUT.")  # fmt: skip
-    p.add_argument("--model", required=True, help="exported pipeline folder")
+    p.add_argument("--model", required=True, help="exported pipeline folder, or a run directory (see --checkpoint)")
+    p.add_argument("--checkpoint", help=CHECKPOINT_HELP)
     p.add_argument("--reference", required=True, help="reference images: data spec (built-in, folder, hf:NAME)")
     p.add_argument("--teacher", help="teacher pipeline, evaluated with its own sampler at --teacher-steps")
     p.add_argument("--steps", type=int_list, default=(1, 2, 4), help="student step counts (default 1,2,4)")
-    p.add_argument("--teacher-steps", type=int_list, default=(2, 4, 10, 25, 50, 100))
-    p.add_argument("--num-samples", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--teacher-steps", type=int_list, default=(2, 4, 10, 25, 50, 100),
+                   help="step counts of the teacher's own sampler, comma-separated")  # fmt: skip
+    p.add_argument("--num-samples", type=int, default=1000, help="samples per sampler and step count")
+    p.add_argument("--seed", type=int, default=0, help="seed of the samples' noise")
     p.add_argument("--feature-extractor", default="auto",
                    help="auto (Inception-v3 when its weights are available offline, else EfficientNet-Lite0), "
                         "inception-v3-compat or efficientnet-lite0")  # fmt: skip
     p.add_argument("--inception-weights", help="path to torch-fidelity's Inception-v3 weights")
     p.add_argument("--resize-reference", action="store_true",
                    help="resize reference images to the model's resolution (bilinear, antialiased)")  # fmt: skip
-    p.add_argument("--reference-split", default="train")
+    p.add_argument("--reference-split", default="train", help="split of the reference data")
     p.add_argument("--prompts", help="text-to-image exports: text file of prompts, one per line, used in order "
                                      "(cycled) for the student and the teacher")  # fmt: skip
     p.add_argument("--teacher-guidance-scale", type=float,
                    help="CFG scale of a guided teacher (default: the scale the export's 2-step call uses; pass it "
                         "for LoRA students with CFG merged into their weights)")  # fmt: skip
-    p.add_argument("--output", required=True)
+    p.add_argument("--output", required=True, help="folder for metrics.json, report.md, curve.png and grids")
     p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     p.set_defaults(run=run_evaluate)
 
@@ -326,7 +392,8 @@ def run_evaluate(args) -> int:
                             reference_split=args.reference_split, prompts=prompts_from(args),
                             teacher_guidance_scale=args.teacher_guidance_scale,
                             trust_remote_code=args.trust_remote_code)  # fmt: skip
-    metrics = evaluate(Path(args.model), args.reference, Path(args.output), args.teacher, settings)
+    with model_folder(args) as model:
+        metrics = evaluate(model, args.reference, Path(args.output), args.teacher, settings)
     for name, result in metrics["results"].items():
         print(f"{name}: FID {result['fid']:.3f} ({metrics['feature_extractor']})")
     return 0
@@ -339,10 +406,10 @@ def add_bench(sub, parents: list) -> None:
                                    "sCD step vs a diffusion step (parts, memory), and their scaling.")  # fmt: skip
     p.add_argument("--model", required=True, help="exported pipeline folder")
     p.add_argument("--teacher", help="teacher pipeline folder (for the sampling comparison)")
-    p.add_argument("--teacher-steps", type=int, default=100)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--teacher-steps", type=int, default=100, help="steps of the teacher's sampler")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls per measurement (the median is reported)")
     p.add_argument("--no-scaling", action="store_true", help="skip the resolution/width scaling table")
-    p.add_argument("--output", required=True)
+    p.add_argument("--output", required=True, help="folder for bench.json, report.md and the plots")
     p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     p.set_defaults(run=run_bench)
 
@@ -352,16 +419,30 @@ def run_bench(args) -> int:
 
     settings = BenchSettings(teacher_steps=args.teacher_steps, repeats=args.repeats, scaling=not args.no_scaling,
                              trust_remote_code=args.trust_remote_code)  # fmt: skip
+    if args.repeats < 1:
+        raise UserError("--repeats must be at least 1.")
+    if args.repeats == 1:
+        print("warning: --repeats 1 times everything once, so the ratios below have no spread; use --repeats 3 or "
+              "more to compare them.", file=sys.stderr)  # fmt: skip
     results = bench(Path(args.model), Path(args.output), args.teacher, settings)
     for record in results["training"]:
         print(f"training ({record['precision']}): sCD/diffusion {record['scd_over_diffusion']}x, "
-              f"JVP/forward {record['jvp_over_forward']}x")  # fmt: skip
+              f"JVP/forward {record['jvp_over_forward']}x{spread_text(record['timings'].values())}")  # fmt: skip
     for key, what in (("network_batch1", "networks"), ("end_to_end_batch1", "pipelines end to end")):
         if key in results["sampling"]:
             print(f"sampling at batch 1 ({what}): 2-step speedup {results['sampling'][key]['speedup_2_step']:.1f}x")
     if "note" in results:
         print(results["note"])
     return 0
+
+
+def spread_text(timings) -> str:
+    """' (timings spread up to X% of their median over N repeats)' of a bench table's timings."""
+    timings = [t for t in timings if t.get("max_ms") is not None and t.get("median_ms")]
+    if not timings:
+        return ""
+    spread = max((t["max_ms"] - t["min_ms"]) / t["median_ms"] for t in timings)
+    return f" (max-min spread up to {100 * spread:.0f}% of the median over {timings[0]['repeats']} repeats)"
 
 
 EXIT_USER_ERROR, EXIT_BUG, EXIT_INTERRUPTED = 1, 2, 130  # 130 = 128 + SIGINT, what shells report for Ctrl-C
@@ -374,7 +455,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="show the traceback of any error (default: one sentence for your errors)")  # fmt: skip
     parser = argparse.ArgumentParser(prog="scm-distill", description=DESCRIPTION, parents=[debug],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("--version", action="version", version=f"scm-distill {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser = functools.partial(sub.add_parser, formatter_class=HelpFormatter)  # every option shows its default
     for add in (add_distill, add_export, add_sample, add_evaluate, add_bench, add_push, add_demo, add_plan):
         add(sub, parents=[debug])
     return parser

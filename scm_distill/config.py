@@ -105,7 +105,6 @@ class SamplingConfig:
 
 @dataclass(frozen=True)
 class ExportConfig:
-    eval_samples: int = 0  # samples for the model card's Frechet distance (0: report speed only)
     base_model_id: str | None = None  # Hub id of the teacher for the model card (default: the --teacher value)
     # which EMA weights the run's end exports: the last step's, or the collapse monitor's best (checkpoints/best)
     checkpoint: Literal["last", "best"] = "last"
@@ -327,7 +326,6 @@ def range_checks(c: DistillConfig) -> list[tuple[bool, str]]:
         (s.sigma_max > 0, "sampling.sigma_max must be positive."),
         (s.teacher_steps >= 1, "sampling.teacher_steps must be at least 1."),
         (s.grid_size >= 1, "sampling.grid_size must be at least 1."),
-        (c.export.eval_samples >= 0, "export.eval_samples must be non-negative."),
         (c.export.checkpoint == "last" or t.sample_every > 0, "--export best needs the collapse monitor, which "
                                                               "measures every train.sample_every steps; set it > 0."),
         (g.s_min >= 1, f"guidance.s_min must be at least 1 (no guidance), got {g.s_min}."),
@@ -373,5 +371,7 @@ def config_from_json(path: str | Path, check: bool = True) -> DistillConfig:
         raise UserError(f"config '{path}' cannot be read ({error.__class__.__name__}).") from None
     if not isinstance(values, dict):
         raise UserError(f"config '{path}' is not a JSON object of config fields.")
+    if isinstance(values.get("export"), dict):
+        values["export"].pop("eval_samples", None)  # read by no code; removed (runs before 0.1.1 wrote it)
     config = override(DistillConfig(), values)
     return validate(config) if check else config

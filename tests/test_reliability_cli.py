@@ -157,8 +157,8 @@ def test_sample_output_that_is_a_folder(capsys, tiny_run, tmp_path):
     folder.mkdir()
     refuses(capsys, ["sample", "--model", tiny_run.export_dir, "--output", folder, "--trust-remote-code"],
             "is a folder; give a file name", untouched=[tmp_path])  # fmt: skip
-    refuses(capsys, ["sample", "--model", tiny_run.export_dir, "--output", tmp_path / "grid.jpg"],
-            "must name a .png file", untouched=[tmp_path])  # fmt: skip
+    refuses(capsys, ["sample", "--model", tiny_run.export_dir, "--output", tmp_path / "grid.gif"],
+            "must name a .png, .jpg, .jpeg or .webp file", untouched=[tmp_path])  # fmt: skip
     assert not list(tmp_path.rglob("*.tmp*"))
 
 

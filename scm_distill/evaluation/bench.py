@@ -167,9 +167,9 @@ def plot_training(records: list[dict], path: Path) -> None:
                label="diffusion step" if i == 0 else None)  # fmt: skip
     ax.set_xticks(range(len(records)), [r["precision"] for r in records])
     ax.set_ylabel("ms per step")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)  # outside the bars
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
