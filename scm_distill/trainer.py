@@ -59,6 +59,8 @@ from .parallel import (
     launcher_settings,
     single_process_note,
 )
+from .progress import Ticking
+from .progress import bar as progress_bar
 from .run_dir import RUN_LAYOUT, Layout, check_output, make_output_folder, start_run_dir
 from .run_export import BEST, checkpoint_weights, with_weights
 from .run_lock import RunLock
@@ -195,15 +197,19 @@ class SampleGrids:
         """Sample and save the grid; returns the collapse monitor's distance of its 2-step row to the teacher's
         row (monitor.py). With sharded models every process samples (collective), one saves."""
         steps_teacher = self.config.sampling.teacher_steps
-        if self.teacher_row is None:
-            x0 = teacher_samples(self.teacher.model, (self.n, *self.teacher.sample_shape), steps_teacher,
-                                 self._generator(), self.teacher.condition_for(self.inputs), self.device)  # fmt: skip
-            self.teacher_row = to_uint8(self.teacher.decode(x0))
-        rows = {f"teacher, {steps_teacher} steps": self.teacher_row}
-        info = sampler_info(self.config, student)
-        for steps in (2, 1):
-            rows[f"student (EMA), {steps} step{'s' * (steps > 1)}"] = self.teacher.student_images(
-                student.network, info, self.inputs, steps, self._generator())
+        evaluations = (steps_teacher if self.teacher_row is None else 0) + 3  # the teacher's row once, 2 + 1 steps
+        with progress_bar(evaluations, "sampling grid", unit="NFE", disable=not save) as shown:
+            if self.teacher_row is None:
+                x0 = teacher_samples(Ticking(self.teacher.model, shown), (self.n, *self.teacher.sample_shape),
+                                     steps_teacher, self._generator(), self.teacher.condition_for(self.inputs),
+                                     self.device)  # fmt: skip
+                self.teacher_row = to_uint8(self.teacher.decode(x0))
+            rows = {f"teacher, {steps_teacher} steps": self.teacher_row}
+            info = sampler_info(self.config, student)
+            for steps in (2, 1):
+                rows[f"student (EMA), {steps} step{'s' * (steps > 1)}"] = self.teacher.student_images(
+                    student.network, info, self.inputs, steps, self._generator())
+                shown.update(steps)
         if save:
             self.image = labelled_rows(rows, columns=self.n)
             save_png(self.image, path)
