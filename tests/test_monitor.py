@@ -106,3 +106,30 @@ def test_no_torch_jit_warning_from_our_jvp():
                           cwd=REPO, env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert "jit.script" not in done.stderr
+
+
+def test_a_sharded_checkpoint_exports_its_ema_weights(tiny_teacher, tmp_path):
+    from test_trainer import tiny_config
+
+    from scm_distill.sharded_checkpoint import read_sharded_tensors
+
+    config = tiny_config(tiny_teacher, tmp_path / "run", max_steps=2, convert_steps=0, parallel="fsdp",
+                         checkpoint_every=1, sample_every=1)  # fmt: skip
+    result = distill(config)
+    stored = read_sharded_tensors(result.run_dir / "checkpoints" / "step-0000001")
+    folder = export_checkpoint(result.run_dir, tmp_path / "step1", "1")
+    exported = load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
+    for key, value in exported.items():
+        assert torch.equal(value, stored[f"ema.model.network.{key}"]), key
+    best = json.loads((result.run_dir / "checkpoints" / "best" / "state.json").read_text())
+    assert best["layout"] == "sharded" and best["step"] == result.state.best_step
+
+
+def test_distill_export_flag(tmp_path, capsys):
+    from scm_distill.cli import main
+
+    args = ["distill", "--teacher", str(DEMO_TEACHER), "--output", str(tmp_path / "o"), "--dry-run"]
+    assert main([*args, "--export", "best"]) == 0
+    assert json.loads(capsys.readouterr().out)["export"]["checkpoint"] == "best"
+    assert main([*args, "--export", "best", "--set", "train.sample_every=0"]) == 1
+    assert "--export best needs the collapse monitor" in capsys.readouterr().err
