@@ -112,5 +112,5 @@ def export_checkpoint(run_dir: Path, output: Path, which: str = "latest", weight
     world = int(found.state.get("virtual_ranks", 1))
     label = f"{which} (step {state.step}, {'EMA' if weights == 'ema' else 'raw trained'} weights)"
     return export_student(config, found.teacher, found.student, Path(output), Path(run_dir), state, convert, world,
-                          checkpoint=label)  # fmt: skip
+                          checkpoint=label, grid_step=state.step)  # fmt: skip
 

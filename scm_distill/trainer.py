@@ -7,6 +7,8 @@ micro-batch re-seeds its randomness (dropout included) from (seed, virtual rank,
 pure function of the step (accumulation.py), so `--resume latest` continues with exactly the losses of an
 uninterrupted run. Everything that can be checked (config, teacher, data, student, optimizer, output folder,
 checkpoint fingerprint) is checked before the run folder is touched; the folder is locked while the run trains.
+Every `train.sample_every` steps the sample grid also measures the collapse monitor (monitor.py), which keeps the
+best checkpoint in checkpoints/best; log records go to log.jsonl, the trackers and loss.png (tracking.py).
 """
 
 from __future__ import annotations
@@ -70,7 +72,6 @@ from .student import Student, low_pass_time_embedding
 from .tracking import accelerator_trackers, check_tracker, log_grid, log_record, start_trackers, write_loss_plot
 
 __all__ = ["DistillResult", "NonFiniteError", "distill"]
-
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
@@ -189,6 +190,7 @@ class SampleGrids:
         self.n = config.sampling.grid_size
         self.inputs = teacher.sample_inputs(self.n, torch.Generator().manual_seed(config.train.seed))
         self.teacher_row = None
+        self.image = None  # the last grid written (for the trackers)
 
     def _generator(self) -> torch.Generator:
         return torch.Generator(self.device).manual_seed(self.config.train.seed)
@@ -429,15 +431,16 @@ def distill(config: DistillConfig, resume: str | None = None, overwrite: bool = 
         check_weights({"student": student}, state.step)  # a collective when sharded: every rank checks
         exported = sharding.full(ema.module, main) if sharding else ema.module  # sharded: gathered to the main CPU
         if main:
-            label = f"last (step {state.step})"
-            if config.export.checkpoint == BEST:  # the collapse monitor's best EMA (monitor.py)
+            label, grid_step = f"last (step {state.step})", None
+            if config.export.checkpoint == BEST:  # the collapse monitor's best EMA (monitor.py) and its grid
                 best = run_dir / "checkpoints" / BEST
                 exported = with_weights(exported, checkpoint_weights(best), f"checkpoint '{best}'")
                 label = f"best by the collapse monitor (step {state.best_step} of {state.step})"
+                grid_step = state.best_step
             check_weights({"EMA student": exported}, state.step)
             check_samples(ema_samples(config, teacher, exported), state.step)
             export_student(config, teacher, exported, export_dir, run_dir, state, convert_steps, world * accum,
-                           checkpoint=label)  # fmt: skip
+                           checkpoint=label, grid_step=grid_step)  # fmt: skip
         accelerator.wait_for_everyone()
         return DistillResult(run_dir, export_dir, student, exported if main else ema.module, state, main)
     finally:
@@ -528,10 +531,13 @@ def train_clip(config: DistillConfig) -> float:
 
 
 def export_student(config: DistillConfig, teacher: Teacher, student: Student, export_dir: Path, run_dir: Path,
-                   state: RunState, convert_steps: int, world: int, checkpoint: str | None = None) -> Path:  # fmt: skip
+                   state: RunState, convert_steps: int, world: int, checkpoint: str | None = None,
+                   grid_step: int | None = None) -> Path:  # fmt: skip
     """Export the EMA student with the run's facts (the steps it actually trained, the checkpoint) in the model
-    card."""
+    card, with the sample grid of `grid_step` (default: the last grid)."""
     grids = sorted((run_dir / "samples").glob("*.png")) if (run_dir / "samples").is_dir() else []
+    if grid_step is not None:
+        grids = [g for g in grids if g.name == f"{checkpoint_name(grid_step)}.png"]
     batch = config.train.batch_size * world
     facts = {
         "teacher": config.export.base_model_id or Path(config.teacher).name,

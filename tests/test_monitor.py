@@ -64,6 +64,8 @@ def test_a_collapsing_run_is_flagged_and_best_exports_from_before_it(collapsed, 
         assert torch.equal(value, best[f"model.network.{key}"]), key
     card = (result.export_dir / "README.md").read_text()
     assert f"best by the collapse monitor (step {best_step} of 30)" in card
+    grid = (run / "samples" / f"step-{best_step:07d}.png").read_bytes()
+    assert (result.export_dir / "samples.png").read_bytes() == grid  # the card shows the exported step's samples
 
 
 def test_the_monitor_warns_in_one_line(tmp_path, capfd):
