@@ -61,6 +61,13 @@ def start_trackers(accelerator, config: DistillConfig) -> None:
     accelerator.init_trackers(PROJECT, config=hyperparameters(config), init_kwargs={"wandb": wandb})
 
 
+def finish_trackers(accelerator) -> None:
+    """Close the trackers' files (not `accelerator.end_training()`, which also destroys the process group that the
+    export's gather and barriers still need)."""
+    for tracker in accelerator.trackers:
+        tracker.finish()
+
+
 def log_record(accelerator, record: dict) -> None:
     """One log.jsonl record's numbers to the trackers (main process only, as accelerate does)."""
     values = {k: record[k] for k in SCALARS if isinstance(record.get(k), int | float) and math.isfinite(record[k])}
@@ -109,7 +116,8 @@ def write_loss_plot(run_dir: Path) -> Path | None:
         if points:
             axes[0].plot(*zip(*points, strict=True), label=label)
     axes[0].set_ylabel("loss")
-    axes[0].legend(loc="upper right", fontsize=8)
+    if axes[0].lines:  # a run whose every loss was non-finite has none
+        axes[0].legend(loc="upper right", fontsize=8)
     norms = [(r["step"], r["grad_norm"]) for r in records if finite(r.get("grad_norm"))]
     if norms:
         axes[1].plot(*zip(*norms, strict=True), color="tab:gray")

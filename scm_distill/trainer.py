@@ -69,7 +69,15 @@ from .run_lock import RunLock
 from .seeded_dropout import SeededDropout, dropout_seed
 from .sharded_checkpoint import REPLICATED, SHARDED, check_resume, load_sharded_checkpoint, save_sharded_checkpoint
 from .student import Student, low_pass_time_embedding
-from .tracking import accelerator_trackers, check_tracker, log_grid, log_record, start_trackers, write_loss_plot
+from .tracking import (
+    accelerator_trackers,
+    check_tracker,
+    finish_trackers,
+    log_grid,
+    log_record,
+    start_trackers,
+    write_loss_plot,
+)
 
 __all__ = ["DistillResult", "NonFiniteError", "distill"]
 
@@ -425,7 +433,7 @@ def distill(config: DistillConfig, resume: str | None = None, overwrite: bool = 
             if log:
                 log.close()
                 write_loss_plot(run_dir)
-                accelerator.end_training()
+                finish_trackers(accelerator)
 
         export_dir = run_dir / "pipeline"
         check_weights({"student": student}, state.step)  # a collective when sharded: every rank checks
