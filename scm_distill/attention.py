@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
@@ -204,5 +205,19 @@ def jvp(
         primals, tangents: tuples of tensors (or pytrees), as for torch.func.jvp.
         attention: how attention is differentiated, see `jvp_attention`.
     """
+    load_jvp_decompositions()
     with torch.no_grad(), jvp_attention(attention):
         return torch.func.jvp(fn, primals, tangents)
+
+
+@functools.cache
+def load_jvp_decompositions() -> None:
+    """Import the TorchScript decompositions forward-mode AD loads on its first `make_dual`, without its warning.
+
+    torch (2.14) imports `torch._decomp.decompositions_for_jvp` on the first dual tensor, which calls
+    `torch.jit.script` and so prints "`torch.jit.script` is deprecated" (FutureWarning) into our progress bars; the
+    call is torch's own, not ours. Importing the module once here with exactly that warning silenced makes the later
+    import a no-op; every other warning (and this one from any other torch.jit.script call) still shows."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
+        import torch._decomp.decompositions_for_jvp  # noqa: F401

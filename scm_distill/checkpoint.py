@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import UserError
-from .files import fsync_path, fsync_tree, remove_tree, temporary_sibling
+from .files import apply_umask, fsync_path, fsync_tree, remove_tree, temporary_sibling
 
 FORMAT_VERSION = 1
 
@@ -38,6 +38,7 @@ def atomic_directory(final: Path, overwrite: bool = False):
     tmp.mkdir(parents=True)
     try:
         yield tmp
+        apply_umask(tmp)
         fsync_tree(tmp)
         if final.exists():
             if not overwrite:

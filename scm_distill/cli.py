@@ -6,23 +6,43 @@ Every known bad input ends in one sentence on stderr and exit status 1; nothing 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import os
 import sys
+import tempfile
 import traceback
 from pathlib import Path
 
+from . import __version__
 from .errors import Interrupted, UserError
 
 DESCRIPTION = """Distill a diffusion pipeline into a two-step consistency model (sCM, arXiv 2410.11081).
 
   scm-distill distill --teacher PATH_OR_ID --data SPEC --output DIR    train and export a 2-step pipeline
+  scm-distill export  RUN --checkpoint best --output DIR                 any checkpoint as a pipeline folder
   scm-distill sample  --model DIR                                       draw samples from an export
   scm-distill evaluate --model DIR --reference SPEC --output DIR        FID/KID/precision/recall vs steps
   scm-distill bench   --model DIR --output DIR                          sampling and training cost
   scm-distill push    DIR --repo-id NAME                                publish an export to the Hub
   scm-distill plan    --recipe FILE --num-processes N                   per-GPU memory under DDP and FSDP
   scm-distill demo                                                      the whole path on built-in data"""
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default (flags: off; options without one: not set)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if not action.option_strings or action.required or "default" in text or action.default is argparse.SUPPRESS:
+            return text
+        if action.nargs == 0:
+            return text if isinstance(action, argparse._HelpAction | argparse._VersionAction) else f"{text} " \
+                "(default: off)"  # fmt: skip
+        if action.default is None or action.default == []:
+            return f"{text} (default: not set)"
+        return f"{text} (default: %(default)s)"
 
 
 TRUST_HELP = ("run Python code shipped in a pipeline folder (an export's own pipeline file, custom components); "
@@ -36,17 +56,36 @@ def add_distill(sub, parents: list) -> None:
                                    "the run ends with an exported diffusers pipeline in OUTPUT/pipeline.")  # fmt: skip
     p.add_argument("--teacher", help="teacher pipeline: a local folder or a Hugging Face Hub id")
     p.add_argument("--data", help="training images: a built-in name (digits, mnist5k, fashion-mnist), an "
-                                  "imagefolder path, or hf:NAME[:CONFIG]")  # fmt: skip
+                                  "imagefolder path, or hf:NAME[:CONFIG] (default: the recipe's data.spec, else "
+                                  "digits)")  # fmt: skip
     p.add_argument("--output", help="run directory (config, checkpoints, samples, pipeline/)")
     p.add_argument("--recipe", help="YAML file of config overrides (see recipes/)")
-    p.add_argument("--max-steps", type=int, help="number of sCD optimizer steps")
-    p.add_argument("--batch-size", type=int, help="batch size per process")
-    p.add_argument("--seed", type=int, help="seed of every random choice of the run")
+    p.add_argument("--max-steps", type=int, help="sCD optimizer steps, counted after the train.convert_steps "
+                                                 "conversion steps (the run makes conversion + sCD steps; the "
+                                                 "progress bar shows both; default: the recipe's "
+                                                 "train.max_steps, else 2000)")  # fmt: skip
+    p.add_argument("--batch-size", type=int,
+                   help="batch size per process (default: the recipe's train.batch_size, else 64)")
+    p.add_argument("--seed", type=int, help="seed of every random choice of the run (default: the recipe's "
+                                            "train.seed, else 0)")  # fmt: skip
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override any config field, e.g. --set optim.lr=2e-4 (repeatable)")  # fmt: skip
-    p.add_argument("--resume", nargs="?", const="latest", help="continue a run: 'latest' or a checkpoint folder")
+    p.add_argument("--resume", nargs="?", const="latest",
+                   help="continue a run: 'latest' or a checkpoint folder; with only --output RUN, the run's own "
+                        "config.json is the recipe (flags and --set still override it)")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--report-to", choices=("none", "tensorboard", "wandb"),
+                   help="tracker of the loss, gradient norm, learning rate, collapse monitor and sample grids, "
+                        "through accelerate (files under OUTPUT/logs; default: the recipe's train.report_to, none)")
+    p.add_argument("--export", choices=("last", "best"), dest="export_checkpoint",
+                   help="weights the run's end exports: the last step's EMA, or the collapse monitor's best "
+                        "checkpoint (default: the recipe's export.checkpoint, last)")  # fmt: skip
+    p.add_argument("--push-to-hub", action="store_true",
+                   help="publish the final export (never checkpoints) to the Hub when the run ends")  # fmt: skip
+    p.add_argument("--hub-model-id", help="Hub repository of --push-to-hub, e.g. user/my-2step-model")
+    p.add_argument("--hub-private", action="store_true", help="create the --push-to-hub repository as private")
+    p.add_argument("--license", help="licence of the published card when the teacher's card states none")
     p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     p.set_defaults(run=run_distill)
 
@@ -59,23 +98,102 @@ def cli_overrides(args) -> dict:
     if args.data is not None:
         updates["data"] = {"spec": args.data}
     train = {k: v for k, v in (("max_steps", args.max_steps), ("batch_size", args.batch_size),
-                               ("seed", args.seed)) if v is not None}  # fmt: skip
+                               ("seed", args.seed), ("report_to", getattr(args, "report_to", None)))
+             if v is not None}  # fmt: skip
     if train:
         updates["train"] = train
+    if getattr(args, "export_checkpoint", None):
+        updates["export"] = {"checkpoint": args.export_checkpoint}
     return updates
 
 
 def run_distill(args) -> int:
     from .config import resolve, to_dict
+    from .parallel import launcher_settings
 
-    config = resolve(args.recipe, cli_overrides(args), args.set)
+    config = launcher_settings(resolve(args.recipe, cli_overrides(args), args.set, base=run_base(args)), os.environ)
     if args.dry_run:
+        check_teacher_exists(config.teacher)
         print(json.dumps(to_dict(config), indent=2))
         return 0
+    if args.push_to_hub:
+        check_push(args, config)
     from .trainer import distill
 
     result = distill(config, resume=args.resume, overwrite=args.overwrite, trust_remote_code=args.trust_remote_code)
     print(f"exported: {result.export_dir}")
+    if args.push_to_hub and result.is_main:
+        from .export.push import push_to_hub
+
+        url = push_to_hub(result.export_dir, args.hub_model_id, private=args.hub_private, license=args.license)
+        print(f"pushed: {url}")
+    return 0
+
+
+def check_teacher_exists(teacher: str) -> None:
+    """--dry-run: a teacher that is a local path must exist (a Hub id is not looked up)."""
+    from .errors import MissingFileError
+
+    path = Path(teacher).expanduser()
+    if not path.exists() and (teacher.startswith((".", "/", "~")) or teacher.count("/") != 1):
+        raise MissingFileError(f"teacher '{teacher}' does not exist (not a local folder and not a Hub id "
+                               f"'owner/name').")  # fmt: skip
+
+
+def run_base(args):
+    """`--resume` of a run folder without --recipe: the run's config.json is the starting point."""
+    from .config import config_from_json
+
+    saved = Path(args.output) / "config.json" if args.output else None
+    if args.resume and not args.recipe and saved is not None and saved.is_file():
+        return config_from_json(saved, check=False)
+    return None
+
+
+def check_push(args, config) -> None:
+    """--push-to-hub's settings, checked before training: a repository id, and a licence for the card (the
+    teacher's card's, else --license)."""
+    from .export.push import check_repo_id
+
+    if not args.hub_model_id:
+        raise UserError("--push-to-hub needs --hub-model-id NAME (e.g. user/my-2step-model).")
+    check_repo_id(args.hub_model_id, "--hub-model-id")
+    if not args.license and not teacher_card_license(config.teacher):
+        raise UserError(f"teacher '{config.teacher}' has no licence in its model card; pass --license (the teacher's "
+                        f"own terms, e.g. --license apache-2.0) to publish the export.")  # fmt: skip
+
+
+def teacher_card_license(teacher: str) -> str | None:
+    from .export.card import folder_license
+    from .families import resolve_folder
+
+    return folder_license(resolve_folder(teacher))
+
+
+def add_export(sub, parents: list) -> None:
+    p = sub.add_parser("export", parents=parents, help="export any checkpoint of a run as a pipeline folder",
+                       description="The same pipeline folder the run's end writes, from one of its checkpoints: the "
+                                   "newest, the collapse monitor's best, or a step number.")  # fmt: skip
+    p.add_argument("run_dir", metavar="RUN", help="run directory (the --output of distill)")
+    p.add_argument("--checkpoint", default="latest", help="STEP, latest or best")
+    weights = p.add_mutually_exclusive_group()
+    weights.add_argument("--ema", dest="weights", action="store_const", const="ema",
+                         help="export the EMA weights (what runs export; the default)")  # fmt: skip
+    weights.add_argument("--raw", dest="weights", action="store_const", const="raw",
+                         help="export the raw trained weights instead of their EMA")  # fmt: skip
+    p.add_argument("--output", required=True, help="folder to write the pipeline into (must not exist)")
+    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
+    p.set_defaults(run=run_export, weights="ema")
+
+
+def run_export(args) -> int:
+    from .run_export import export_checkpoint
+
+    output = Path(args.output)
+    if output.exists():
+        raise UserError(f"--output '{output}' already exists; choose a new folder.")
+    folder = export_checkpoint(Path(args.run_dir), output, args.checkpoint, args.weights, args.trust_remote_code)
+    print(f"exported: {folder}")
     return 0
 
 
@@ -109,13 +227,15 @@ def add_sample(sub, parents: list) -> None:
     p = sub.add_parser("sample", parents=parents,
                        help="draw samples from an exported pipeline",
                        description="Load an exported pipeline with plain diffusers and save a PNG grid.")  # fmt: skip
-    p.add_argument("--model", required=True, help="exported pipeline folder")
-    p.add_argument("--num-images", type=int, default=16)
+    p.add_argument("--model", required=True, help="exported pipeline folder, or a run directory (see --checkpoint)")
+    p.add_argument("--checkpoint", help=CHECKPOINT_HELP)
+    p.add_argument("--num-images", type=int, default=16, help="images in the grid")
     p.add_argument("--steps", type=int, default=2, help="network evaluations per sample")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise (image k is the same at any --num-images)")
     p.add_argument("--prompt", action="append", help="prompt of a text-to-image export (repeatable; cycled)")
     p.add_argument("--prompts", help="text file of prompts, one per line (text-to-image exports)")
-    p.add_argument("--output", default="samples.png", help="PNG file for the grid")
+    p.add_argument("--output", default="samples.png", help="image file of the grid; its suffix (.png, .jpg, .jpeg, "
+                                                           ".webp) picks the format")
     p.add_argument("--network", metavar="FILE.py:NAME",
                    help="module exports: the class (or function) of FILE.py that makes your network, called "
                         "without arguments (needs --trust-remote-code)")  # fmt: skip
@@ -125,27 +245,55 @@ def add_sample(sub, parents: list) -> None:
 
 def run_sample(args) -> int:
     from .export.call import PipelineSampler
-    from .grids import image_grid, save_png
+    from .grids import image_grid, save_image
 
     if args.num_images < 1 or args.steps < 1:
         raise UserError("--num-images and --steps must be at least 1.")
     output = Path(args.output)
     check_png_output(output)
-    sampler = PipelineSampler(args.model, prompts_from(args), trust_remote_code=args.trust_remote_code,
-                              network=args.network)  # fmt: skip
-    images = sampler(args.num_images, args.steps, args.seed)
+    with model_folder(args) as model:
+        sampler = PipelineSampler(model, prompts_from(args), trust_remote_code=args.trust_remote_code,
+                                  network=args.network)  # fmt: skip
+        images = sampler(args.num_images, args.steps, args.seed)
     grid = image_grid(images, columns=min(8, args.num_images))
-    print(f"wrote {save_png(grid, output)}")
+    print(f"wrote {save_image(grid, output)}")
     return 0
 
 
+CHECKPOINT_HELP = ("with --model RUN: the run's checkpoint to use, STEP, latest or best (default: the run's "
+                   "pipeline/ export, else latest)")
+
+
+@contextlib.contextmanager
+def model_folder(args):
+    """--model as a pipeline folder: an export as given; a run directory: its pipeline/ export, or the pipeline of
+    --checkpoint exported into a temporary folder (the same folder `scm-distill export` writes)."""
+    from .run_dir import is_run_dir
+
+    model = Path(args.model)
+    if not is_run_dir(model):
+        if args.checkpoint:
+            raise UserError(f"--checkpoint needs --model to be a run directory; '{model}' is not one.")
+        yield model
+        return
+    if not args.checkpoint and (model / "pipeline" / "model_index.json").is_file():
+        yield model / "pipeline"
+        return
+    from .run_export import export_checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="scm-distill-checkpoint-") as tmp:
+        yield export_checkpoint(model, Path(tmp) / "pipeline", args.checkpoint or "latest",
+                                trust_remote_code=args.trust_remote_code)  # fmt: skip
+
+
 def check_png_output(path: Path) -> None:
-    """`sample --output` names a new or existing .png file whose folder can be written."""
+    """`sample --output` names a new or existing .png / .jpg / .jpeg / .webp file whose folder can be written."""
     from .files import check_writable_file
+    from .grids import IMAGE_FORMATS
 
     check_writable_file(path, "--output")
-    if path.suffix.lower() != ".png":
-        raise UserError(f"--output '{path}' must name a .png file.")
+    if path.suffix.lower() not in IMAGE_FORMATS:
+        raise UserError(f"--output '{path}' must name a .png, .jpg, .jpeg or .webp file.")
 
 
 def prompts_from(args) -> tuple[str, ...] | None:
@@ -159,19 +307,22 @@ def prompts_from(args) -> tuple[str, ...] | None:
 def add_push(sub, parents: list) -> None:
     p = sub.add_parser("push", parents=parents,
                        help="publish an exported pipeline to the Hugging Face Hub",
-                       description="create_repo + upload_folder of an export (never checkpoints).")  # fmt: skip
+                       description="create_repo + one commit of an export (never checkpoints), its card filled with "
+                                   "the repository id, licence and base model.")  # fmt: skip
     p.add_argument("folder", help="exported pipeline folder")
     p.add_argument("--repo-id", required=True, help="Hub repository, e.g. user/my-2step-model")
-    p.add_argument("--private", action="store_true")
+    p.add_argument("--private", action="store_true", help="create the repository as private")
     p.add_argument("--token", help="Hub token (default: the logged-in one)")
     p.add_argument("--revision", help="branch to push to")
+    p.add_argument("--license", help="licence of the card when the teacher's own card states none (e.g. apache-2.0)")
     p.set_defaults(run=run_push)
 
 
 def run_push(args) -> int:
     from .export.push import push_to_hub
 
-    url = push_to_hub(args.folder, args.repo_id, private=args.private, token=args.token, revision=args.revision)
+    url = push_to_hub(args.folder, args.repo_id, private=args.private, token=args.token, revision=args.revision,
+                      license=args.license)  # fmt: skip
     print(f"pushed: {url}")
     return 0
 
@@ -181,7 +332,7 @@ def add_demo(sub, parents: list) -> None:
                        help="distill the embedded digits teacher on the CPU and report",
                        description="Distill the built-in teacher (trained on scikit-learn digits), export, "
                                    "reload the export, sample with 1 and 2 steps, and report.")  # fmt: skip
-    p.add_argument("--output", default="demo-output")
+    p.add_argument("--output", default="demo-output", help="folder of the demo's run, export and report")
     p.add_argument("--max-steps", type=int, help="sCD steps (default: the demo recipe's)")
     p.add_argument("--num-samples", type=int, help="samples per Frechet distance (default 1000)")
     p.set_defaults(run=run_demo)
@@ -210,20 +361,22 @@ def add_evaluate(sub, parents: list) -> None:
                        help="FID/KID/precision/recall of an export (and its teacher) vs steps",
                        description="Quality against network evaluations through torch-fidelity; writes "
                                    "metrics.json, report.md, curve.png and sample grids to OUTPUT.")  # fmt: skip
-    p.add_argument("--model", required=True, help="exported pipeline folder")
+    p.add_argument("--model", required=True, help="exported pipeline folder, or a run directory (see --checkpoint)")
+    p.add_argument("--checkpoint", help=CHECKPOINT_HELP)
     p.add_argument("--reference", required=True, help="reference images: data spec (built-in, folder, hf:NAME)")
     p.add_argument("--teacher", help="teacher pipeline, evaluated with its own sampler at --teacher-steps")
     p.add_argument("--steps", type=int_list, default=(1, 2, 4), help="student step counts (default 1,2,4)")
-    p.add_argument("--teacher-steps", type=int_list, default=(2, 4, 10, 25, 50, 100))
-    p.add_argument("--num-samples", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--teacher-steps", type=int_list, default=(2, 4, 10, 25, 50, 100),
+                   help="step counts of the teacher's own sampler, comma-separated")  # fmt: skip
+    p.add_argument("--num-samples", type=int, default=1000, help="samples per sampler and step count")
+    p.add_argument("--seed", type=int, default=0, help="seed of the samples' noise")
     p.add_argument("--feature-extractor", default="auto",
                    help="auto (Inception-v3 when its weights are available offline, else EfficientNet-Lite0), "
                         "inception-v3-compat or efficientnet-lite0")  # fmt: skip
     p.add_argument("--inception-weights", help="path to torch-fidelity's Inception-v3 weights")
     p.add_argument("--resize-reference", action="store_true",
                    help="resize reference images to the model's resolution (bilinear, antialiased)")  # fmt: skip
-    p.add_argument("--reference-split", default="train")
+    p.add_argument("--reference-split", default="train", help="split of the reference data")
     p.add_argument("--prompts", help="text-to-image exports: text file of prompts, one per line, used in order "
                                      "(cycled) for the student and the teacher")  # fmt: skip
     p.add_argument("--teacher-guidance-scale", type=float,
@@ -236,7 +389,7 @@ def add_evaluate(sub, parents: list) -> None:
     p.add_argument("--network", metavar="FILE.py:NAME",
                    help="module exports: the class (or function) of FILE.py that makes your network, called "
                         "without arguments (needs --trust-remote-code)")  # fmt: skip
-    p.add_argument("--output", required=True)
+    p.add_argument("--output", required=True, help="folder for metrics.json, report.md, curve.png and grids")
     p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     p.set_defaults(run=run_evaluate)
 
@@ -251,7 +404,8 @@ def run_evaluate(args) -> int:
                             teacher_guidance_scale=args.teacher_guidance_scale,
                             trust_remote_code=args.trust_remote_code, class_accuracy=args.class_accuracy,
                             network=args.network)  # fmt: skip
-    metrics = evaluate(Path(args.model), args.reference, Path(args.output), args.teacher, settings)
+    with model_folder(args) as model:
+        metrics = evaluate(model, args.reference, Path(args.output), args.teacher, settings)
     for name, result in metrics["results"].items():
         accuracy = f", class accuracy {result['accuracy']:.3f}" if "accuracy" in result else ""
         print(f"{name}: FID {result['fid']:.3f} ({metrics['feature_extractor']}){accuracy}")
@@ -265,13 +419,13 @@ def add_bench(sub, parents: list) -> None:
                                    "sCD step vs a diffusion step (parts, memory), and their scaling.")  # fmt: skip
     p.add_argument("--model", required=True, help="exported pipeline folder")
     p.add_argument("--teacher", help="teacher pipeline folder (for the sampling comparison)")
-    p.add_argument("--teacher-steps", type=int, default=100)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--teacher-steps", type=int, default=100, help="steps of the teacher's sampler")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls per measurement (the median is reported)")
     p.add_argument("--no-scaling", action="store_true", help="skip the resolution/width scaling table")
     p.add_argument("--network", metavar="FILE.py:NAME",
                    help="module exports: the class (or function) of FILE.py that makes your network, called "
                         "without arguments (needs --trust-remote-code)")  # fmt: skip
-    p.add_argument("--output", required=True)
+    p.add_argument("--output", required=True, help="folder for bench.json, report.md and the plots")
     p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     p.set_defaults(run=run_bench)
 
@@ -281,16 +435,30 @@ def run_bench(args) -> int:
 
     settings = BenchSettings(teacher_steps=args.teacher_steps, repeats=args.repeats, scaling=not args.no_scaling,
                              trust_remote_code=args.trust_remote_code, network=args.network)  # fmt: skip
+    if args.repeats < 1:
+        raise UserError("--repeats must be at least 1.")
+    if args.repeats == 1:
+        print("warning: --repeats 1 times everything once, so the ratios below have no spread; use --repeats 3 or "
+              "more to compare them.", file=sys.stderr)  # fmt: skip
     results = bench(Path(args.model), Path(args.output), args.teacher, settings)
     for record in results["training"]:
         print(f"training ({record['precision']}): sCD/diffusion {record['scd_over_diffusion']}x, "
-              f"JVP/forward {record['jvp_over_forward']}x")  # fmt: skip
+              f"JVP/forward {record['jvp_over_forward']}x{spread_text(record['timings'].values())}")  # fmt: skip
     for key, what in (("network_batch1", "networks"), ("end_to_end_batch1", "pipelines end to end")):
         if key in results["sampling"]:
             print(f"sampling at batch 1 ({what}): 2-step speedup {results['sampling'][key]['speedup_2_step']:.1f}x")
     if "note" in results:
         print(results["note"])
     return 0
+
+
+def spread_text(timings) -> str:
+    """' (timings spread up to X% of their median over N repeats)' of a bench table's timings."""
+    timings = [t for t in timings if t.get("max_ms") is not None and t.get("median_ms")]
+    if not timings:
+        return ""
+    spread = max((t["max_ms"] - t["min_ms"]) / t["median_ms"] for t in timings)
+    return f" (max-min spread up to {100 * spread:.0f}% of the median over {timings[0]['repeats']} repeats)"
 
 
 EXIT_USER_ERROR, EXIT_BUG, EXIT_INTERRUPTED = 1, 2, 130  # 130 = 128 + SIGINT, what shells report for Ctrl-C
@@ -303,8 +471,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="show the traceback of any error (default: one sentence for your errors)")  # fmt: skip
     parser = argparse.ArgumentParser(prog="scm-distill", description=DESCRIPTION, parents=[debug],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("--version", action="version", version=f"scm-distill {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (add_distill, add_sample, add_evaluate, add_bench, add_push, add_demo, add_plan):
+    sub.add_parser = functools.partial(sub.add_parser, formatter_class=HelpFormatter)  # every option shows its default
+    for add in (add_distill, add_export, add_sample, add_evaluate, add_bench, add_push, add_demo, add_plan):
         add(sub, parents=[debug])
     return parser
 

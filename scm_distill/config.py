@@ -34,6 +34,10 @@ class DataConfig:
     max_items: int | None = None  # use only the first N examples
     latent_cache: str | None = None  # latent teachers: folder of the on-disk latent cache (None: encode each batch)
     sigma_data_images: int = 1024  # latent teachers: images whose latents measure sigma_d (evenly spaced)
+    random_flip: bool = False  # flip each training image horizontally with probability 1/2 (seeded per step)
+    image_column: str | None = None  # hf: and folder data: the image column (None: the first Image feature)
+    caption_column: str | None = None  # hf: and folder data: the caption column (None: the first of text, caption,
+    # prompt, sentence, description)
 
 
 @dataclass(frozen=True)
@@ -54,9 +58,12 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.99)  # paper
     eps: float = 1e-8
     weight_decay: float = 0.0
-    warmup_steps: int = 0  # linear learning-rate warmup
-    decay: Literal["constant", "inverse_sqrt"] = "constant"  # inverse_sqrt: lr / sqrt(max(step / ref, 1))
+    warmup_steps: int = 0  # linear learning-rate warmup (sCD steps)
+    # learning-rate schedule of the sCD steps: constant (after the warmup); inverse_sqrt: lr / sqrt(max(step / ref,
+    # 1)); constant_with_warmup, linear, cosine: diffusers' get_scheduler over train.max_steps (optim.py)
+    decay: Literal["constant", "constant_with_warmup", "linear", "cosine", "inverse_sqrt"] = "constant"
     decay_ref_steps: int = 10_000
+    scale_lr: bool = False  # multiply lr and convert_lr by the global batch (diffusers' --scale_lr)
     grad_clip: float | None = None  # max global gradient norm (None: no clipping)
 
 
@@ -66,7 +73,8 @@ class TrainConfig:
     max_steps: int = 2_000  # sCD optimizer steps (after the conversion steps)
     convert_steps: int = 200  # warm-start steps regressing the student's F onto the teacher's (0 to skip)
     seed: int = 0
-    mixed_precision: Literal["no", "bf16"] = "no"
+    # bf16 autocast or none; null: what `accelerate launch --mixed_precision` / `accelerate config` say (else no)
+    mixed_precision: Literal["no", "bf16"] | None = None
     ema_halflife_kimg: float = 500.0  # EMA half-life in thousands of samples (paper CIFAR-10: 0.5 Mimg)
     ema_rampup_ratio: float | None = 0.05  # half-life <= ratio x samples seen (None: no ramp-up)
     checkpoint_every: int = 500  # steps; 0 disables intermediate checkpoints
@@ -76,10 +84,15 @@ class TrainConfig:
     max_nonfinite_in_a_row: int = 20  # stop the run after this many skipped (non-finite) steps in a row
     num_workers: int = 0  # DataLoader workers
     # ddp: every process holds the whole training state; fsdp: FSDP2 shards the student, its gradients, optimizer
-    # state and EMA and the teacher per block across the processes (scm_distill/parallel.py)
-    parallel: Literal["ddp", "fsdp"] = "ddp"
-    grad_accum_steps: int = 1  # micro-batches per optimizer step; micro-batch m of rank r is virtual rank r*N+m
+    # state and EMA and the teacher per block across the processes (scm_distill/parallel.py); null: fsdp when the
+    # accelerate config asks for FSDP2, else ddp
+    parallel: Literal["ddp", "fsdp"] | None = None
+    # micro-batches per optimizer step (micro-batch m of rank r is virtual rank r*N+m); null: accelerate's
+    # ACCELERATE_GRADIENT_ACCUMULATION_STEPS, else 1
+    grad_accum_steps: int | None = None
     activation_checkpointing: bool = False  # recompute the student's blocks in the gradient pass (never the JVP)
+    # accelerate tracker of the logged numbers, the collapse monitor and the sample grids (tracking.py)
+    report_to: Literal["none", "tensorboard", "wandb"] = "none"
 
 
 @dataclass(frozen=True)
@@ -92,8 +105,9 @@ class SamplingConfig:
 
 @dataclass(frozen=True)
 class ExportConfig:
-    eval_samples: int = 0  # samples for the model card's Frechet distance (0: report speed only)
     base_model_id: str | None = None  # Hub id of the teacher for the model card (default: the --teacher value)
+    # which EMA weights the run's end exports: the last step's, or the collapse monitor's best (checkpoints/best)
+    checkpoint: Literal["last", "best"] = "last"
 
 
 @dataclass(frozen=True)
@@ -126,6 +140,9 @@ class LoraConfig:
 @dataclass(frozen=True)
 class DistillConfig:
     teacher: str = ""  # local pipeline folder or Hub id
+    teacher_revision: str | None = None  # Hub teachers: branch, tag or commit (None: main)
+    teacher_variant: str | None = None  # diffusers weight variant of the teacher's files, e.g. fp16 (None: default)
+    cache_dir: str | None = None  # Hub teachers: download cache folder (None: the Hub's, HF_HOME)
     output: str = ""  # run directory
     sigma_data: float = 0.5  # TrigFlow sigma_d (paper: 0.5 for pixels; measured for latents)
     data: DataConfig = field(default_factory=DataConfig)
@@ -293,7 +310,7 @@ def range_checks(c: DistillConfig) -> list[tuple[bool, str]]:
         (t.max_steps >= 1, f"train.max_steps must be at least 1 (0 would export the untrained student), got "
                            f"{t.max_steps}."),
         (t.convert_steps >= 0, "train.convert_steps must be non-negative."),
-        (t.grad_accum_steps >= 1, f"train.grad_accum_steps must be at least 1, got {t.grad_accum_steps}."),
+        (at_least(t.grad_accum_steps, 1), f"train.grad_accum_steps must be at least 1, got {t.grad_accum_steps}."),
         (not (c.objective.compile_jvp and t.parallel == "fsdp"),
          "objective.compile_jvp is not supported with train.parallel fsdp yet (untested through FSDP2's hooks)."),
         (0 <= t.seed < SEED_LIMIT, f"train.seed must be in [0, 2**32), got {t.seed}."),
@@ -309,7 +326,8 @@ def range_checks(c: DistillConfig) -> list[tuple[bool, str]]:
         (s.sigma_max > 0, "sampling.sigma_max must be positive."),
         (s.teacher_steps >= 1, "sampling.teacher_steps must be at least 1."),
         (s.grid_size >= 1, "sampling.grid_size must be at least 1."),
-        (c.export.eval_samples >= 0, "export.eval_samples must be non-negative."),
+        (c.export.checkpoint == "last" or t.sample_every > 0, "--export best needs the collapse monitor, which "
+                                                              "measures every train.sample_every steps; set it > 0."),
         (g.s_min >= 1, f"guidance.s_min must be at least 1 (no guidance), got {g.s_min}."),
         (at_least(g.s_max, g.s_min), "guidance.s_max must not be below guidance.s_min."),
         (at_least(g.scale, 1), f"guidance.scale must be at least 1, got {g.scale}."),
@@ -332,9 +350,11 @@ def validate(config: DistillConfig) -> DistillConfig:
     return config
 
 
-def resolve(recipe: str | None = None, cli: dict | None = None, sets: list[str] | None = None) -> DistillConfig:
-    """Defaults <- recipe <- --set FIELD=VALUE <- explicit CLI flags, then validated."""
-    config = DistillConfig()
+def resolve(recipe: str | None = None, cli: dict | None = None, sets: list[str] | None = None,
+            base: DistillConfig | None = None) -> DistillConfig:  # fmt: skip
+    """Defaults (or `base`, e.g. a run's config.json) <- recipe <- --set FIELD=VALUE <- explicit CLI flags, then
+    validated."""
+    config = base or DistillConfig()
     if recipe:
         config = override(config, load_recipe(recipe))
     if sets:
@@ -344,11 +364,14 @@ def resolve(recipe: str | None = None, cli: dict | None = None, sets: list[str] 
     return validate(config)
 
 
-def config_from_json(path: str | Path) -> DistillConfig:
+def config_from_json(path: str | Path, check: bool = True) -> DistillConfig:
     try:
         values = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
         raise UserError(f"config '{path}' cannot be read ({error.__class__.__name__}).") from None
     if not isinstance(values, dict):
         raise UserError(f"config '{path}' is not a JSON object of config fields.")
-    return validate(override(DistillConfig(), values))
+    if isinstance(values.get("export"), dict):
+        values["export"].pop("eval_samples", None)  # read by no code; removed (runs before 0.1.1 wrote it)
+    config = override(DistillConfig(), values)
+    return validate(config) if check else config

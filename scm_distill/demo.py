@@ -37,7 +37,7 @@ from .trainer import distill, sampler_info
 
 PACKAGE = Path(__file__).resolve().parent
 DEMO_TEACHER = PACKAGE / "assets" / "digits-teacher"
-DEMO_RECIPE = PACKAGE.parent / "recipes" / "digits-demo.yaml"
+DEMO_RECIPE = PACKAGE / "recipes" / "digits-demo.yaml"  # installed with the package (scm_distill/recipes -> ../recipes)
 NUM_SAMPLES = 1000
 SEED = 1234
 # demo.json marks a demo's output folder: a later demo replaces only what a demo writes, and refuses other folders
@@ -103,7 +103,8 @@ def demo(output: Path, max_steps: int | None = None, num_samples: int | None = N
     """Run the demo into `output`; returns the path of report.json."""
     started, laps = time.time(), Laps()
     if not DEMO_RECIPE.is_file():
-        raise MissingFileError(f"the demo recipe '{DEMO_RECIPE}' is missing; run the demo from a source checkout.")
+        raise MissingFileError(f"the demo recipe '{DEMO_RECIPE}' is missing; reinstall scm-distill (the recipes ship "
+                               f"with the package).")  # fmt: skip
     n = NUM_SAMPLES if num_samples is None else num_samples
     if n < 2:
         raise UserError(f"--num-samples must be at least 2 for a covariance, got {n}.")

@@ -26,6 +26,32 @@ def temporary_sibling(path: Path, kind: str = "tmp") -> Path:
     return path.parent / f".{path.name}.{kind}-{uuid.uuid4().hex[:8]}"
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (else set and restored at once)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(folder: Path) -> None:
+    """Give every file and folder under `folder` (itself included) the modes a plain `open` / `mkdir` would under the
+    user's umask (0o666 / 0o777 & ~umask): some writers (safetensors) create 0600 files, unreadable to teammates on
+    shared storage."""
+    mask = current_umask()
+    for root, _, names in os.walk(folder):
+        os.chmod(root, 0o777 & ~mask)
+        for name in names:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~mask)
+
+
 def fsync_path(path: Path) -> None:
     """fsync a file or a folder (a folder's fsync makes the renames inside it durable)."""
     fd = os.open(path, os.O_RDONLY)

@@ -28,8 +28,9 @@ from .errors import UserError
 RESUMABLE_FIELDS = frozenset({
     "output", "teacher", "data.latent_cache", "train.max_steps", "train.checkpoint_every", "train.keep_checkpoints",
     "train.sample_every", "train.log_every", "train.num_workers", "train.max_nonfinite_in_a_row",
-    "export.eval_samples", "export.base_model_id", "sampling.grid_size", "sampling.teacher_steps", "optim.lr",
+    "export.base_model_id", "sampling.grid_size", "sampling.teacher_steps", "optim.lr",
     "optim.convert_lr", "optim.grad_clip", "train.grad_accum_steps", "train.activation_checkpointing",
+    "export.checkpoint", "train.report_to", "cache_dir",
 })  # fmt: skip
 # train.grad_accum_steps may change only with the number of processes (processes x steps is checked on resume)
 CONTENT_SAMPLE = 4096  # values per tensor hashed for teachers without a pipeline folder

@@ -46,11 +46,21 @@ def labelled_rows(rows: dict[str, torch.Tensor], columns: int, scale: int = 2) -
     return out
 
 
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}  # by file suffix
+
+
 def save_png(image: Image.Image, path: Path) -> Path:
     """Write a PNG atomically (temporary sibling, fsync, rename); a failed write is one sentence, no leftovers."""
+    return save_image(image, path, "PNG")
+
+
+def save_image(image: Image.Image, path: Path, image_format: str | None = None) -> Path:
+    """Write an image atomically in the format of its suffix (IMAGE_FORMATS) unless one is given."""
     path = Path(path)
+    image_format = image_format or IMAGE_FORMATS[path.suffix.lower()]
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    (image.convert("RGB") if image_format == "JPEG" and image.mode not in ("L", "RGB") else image).save(
+        buffer, format=image_format, **({"quality": 95} if image_format == "JPEG" else {}))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         return write_atomic(path, buffer.getvalue())

@@ -58,6 +58,41 @@ def check_launcher(environ: Mapping[str, str], parallel: str) -> None:
                          "(the trainer shards the student, EMA and teacher itself).")  # fmt: skip
 
 
+def launcher_settings(config, environ: Mapping[str, str]):
+    """The config with mixed precision, gradient accumulation and the distributed type taken from `accelerate launch`
+    / `accelerate config` (their environment variables) where the recipe leaves them unset (null); a recipe value
+    that contradicts what accelerate was asked for is one sentence. accelerate's defaults ("no" precision, 1
+    micro-batch), which it writes whether asked or not, are not requests and never conflict."""
+    import dataclasses
+
+    train, asked = config.train, environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if asked not in ("no", "bf16"):
+        raise UserError(f"accelerate asks for {asked} mixed precision; sCD trains in bf16 or fp32 only (fp16 "
+                        f"overflows the tangent's JVP), so launch with --mixed_precision bf16 or no.")  # fmt: skip
+    precision = train.mixed_precision
+    if precision is None:
+        precision = asked
+    elif asked != "no" and precision != asked:
+        raise UserError(f"the recipe's train.mixed_precision is {precision} but accelerate was launched with "
+                        f"--mixed_precision {asked}; remove one of them (a null train.mixed_precision takes "
+                        f"accelerate's).")  # fmt: skip
+    accum_text = environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1")
+    try:
+        accum_asked = int(accum_text)
+    except ValueError:
+        raise UserError(f"ACCELERATE_GRADIENT_ACCUMULATION_STEPS must be an integer, got '{accum_text}'.") from None
+    accum = train.grad_accum_steps
+    if accum is None:
+        accum = accum_asked
+    elif accum_asked != 1 and accum != accum_asked:
+        raise UserError(f"the recipe's train.grad_accum_steps is {accum} but accelerate asks for {accum_asked} "
+                        f"gradient accumulation steps; remove one of them.")  # fmt: skip
+    fsdp = environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    parallel = train.parallel or ("fsdp" if fsdp else "ddp")
+    train = dataclasses.replace(train, mixed_precision=precision, grad_accum_steps=accum, parallel=parallel)
+    return dataclasses.replace(config, train=train)
+
+
 def single_process_note(parallel: str, world: int) -> str | None:
     """What `parallel: fsdp` on one process does (there is nothing to shard), or None."""
     if parallel == "fsdp" and world == 1:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from .architectures import EXAMPLE_INPUTS, TEACHERS, Architecture
 from .config import DistillConfig
 from .errors import UserError
 from .lora import adapted_layers
-from .parallel import non_reentrant, unit_parameter_counts
+from .parallel import launcher_settings, non_reentrant, unit_parameter_counts
 
 FP32, BF16 = 4, 2  # bytes per value
 HEADROOM = 0.9  # a plan fits when its total is at most this fraction of the GPU's memory
@@ -217,6 +218,7 @@ class MemoryPlan:
 
 def memory_plan(config: DistillConfig, processes: int, resolution: int | None = None) -> MemoryPlan:
     """The plan of a resolved config on `processes` processes (resolution: pixels, default data.resize_to)."""
+    config = launcher_settings(config, os.environ)  # precision / micro-batches the recipe leaves to accelerate
     arch = architecture_of(config.teacher)
     resolution = resolution or config.data.resize_to or config.data.pad_to or arch.config.get("sample_size", 32) * \
         arch.downsample  # fmt: skip

@@ -1,10 +1,10 @@
 """The run directory: what is in it, whether an output folder may be used, and what --overwrite may remove.
 
-Layout: run.json (marker), config.json (resolved config), log.jsonl, checkpoints/step-NNNNNNN/, samples/*.png,
-pipeline/ (the export), .scm-distill.lock while a process trains in it. `check_output` decides, before anything is
-written, what the folder allows; `start_run_dir` then creates it. `--overwrite` removes only the entries a
-previous run created (the layout's names and our temporary names), never other files, and refuses a folder that
-is not a previous run or that holds the run's own data.
+Layout: run.json (marker), config.json (resolved config), log.jsonl, loss.png, logs/ (tracker files),
+checkpoints/step-NNNNNNN/ and checkpoints/best/, samples/*.png, pipeline/ (the export), .scm-distill.lock while a
+process trains in it. `check_output` decides, before anything is written, what the folder allows; `start_run_dir`
+then creates it. `--overwrite` removes only the entries a previous run created (the layout's names and our temporary
+names), never other files, and refuses a folder that is not a previous run or that holds the run's own data.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class Layout:
 
 
 RUN_LAYOUT = Layout(RUN_MARKER, frozenset({RUN_MARKER, "config.json", "log.jsonl", "checkpoints", "samples",
-                                           "pipeline", LOCK_NAME}))  # fmt: skip
+                                           "pipeline", "logs", "loss.png", LOCK_NAME}))  # fmt: skip
 
 
 def is_run_dir(path: Path) -> bool:

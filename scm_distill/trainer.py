@@ -7,6 +7,8 @@ micro-batch re-seeds its randomness (dropout included) from (seed, virtual rank,
 pure function of the step (accumulation.py), so `--resume latest` continues with exactly the losses of an
 uninterrupted run. Everything that can be checked (config, teacher, data, student, optimizer, output folder,
 checkpoint fingerprint) is checked before the run folder is touched; the folder is locked while the run trains.
+Every `train.sample_every` steps the sample grid also measures the collapse monitor (monitor.py), which keeps the
+best checkpoint in checkpoints/best; log records go to log.jsonl, the trackers and loss.png (tracking.py).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from .checkpoint import (
 )
 from .config import DistillConfig
 from .data import ImageSet, as_image_set, batch_indices, collate, load_images
+from .data.transforms import random_flip
 from .ema import EMA, ema_beta
 from .errors import Interrupted, NonFiniteError, UserError
 from .export.card import is_hub_id, teacher_license
@@ -46,6 +49,7 @@ from .fingerprint import check_fingerprint, resumable_changes, resumable_config,
 from .finite import check_initial_weights, check_samples, check_weights
 from .generate import sampling_times, teacher_samples
 from .grids import labelled_rows, save_png, to_uint8
+from .monitor import degraded, images01, paired_distance, warning_line
 from .objective import FRegressionLoss, SCDLoss
 from .optim import learning_rate, make_optimizer
 from .parallel import (
@@ -54,13 +58,26 @@ from .parallel import (
     check_launcher,
     clip_grad_norm,
     enable_activation_checkpointing,
+    launcher_settings,
     single_process_note,
 )
+from .progress import Ticking
+from .progress import bar as progress_bar
 from .run_dir import RUN_LAYOUT, Layout, check_output, make_output_folder, start_run_dir
+from .run_export import BEST, checkpoint_weights, with_weights
 from .run_lock import RunLock
 from .seeded_dropout import SeededDropout, dropout_seed
 from .sharded_checkpoint import REPLICATED, SHARDED, check_resume, load_sharded_checkpoint, save_sharded_checkpoint
 from .student import Student
+from .tracking import (
+    accelerator_trackers,
+    check_tracker,
+    finish_trackers,
+    log_grid,
+    log_record,
+    start_trackers,
+    write_loss_plot,
+)
 
 __all__ = ["DistillResult", "NonFiniteError", "distill"]
 
@@ -98,23 +115,38 @@ class RunState:
     skipped_total: int = 0
     skipped_in_a_row: int = 0
     train_seconds: float = 0.0
+    best_distance: float | None = None  # the collapse monitor's best distance so far (monitor.py) and its step
+    best_step: int | None = None
+    degraded: bool = False  # the last measurement was over the monitor's degradation rule (warned once)
 
 
-def setup(config: DistillConfig, accelerator: Accelerator, teacher: Teacher | None,
+def run_state(saved: dict, checkpoint: Path) -> RunState:
+    """The counters of a checkpoint's state.json (monitor fields default: checkpoints from before the monitor)."""
+    fields = RunState.__dataclass_fields__
+    required = ("step", "samples_seen", "skipped_total", "skipped_in_a_row", "train_seconds")
+    missing = [k for k in required if k not in saved]
+    if missing:
+        raise UserError(f"checkpoint '{checkpoint}' has a state.json without '{missing[0]}'.")
+    return RunState(**{k: saved[k] for k in fields if k in saved})
+
+
+def setup(config: DistillConfig, device: torch.device, num_processes: int, teacher: Teacher | None,
           trust_remote_code: bool = False, data=None) -> tuple[Teacher, ImageSet]:  # fmt: skip
     """Load and check the teacher and the data (before the output folder is touched)."""
     if teacher is None:
-        teacher = load_teacher(config.teacher, config.sigma_data, accelerator.device,
-                               trust_remote_code=trust_remote_code)  # fmt: skip
+        teacher = load_teacher(config.teacher, config.sigma_data, device, trust_remote_code=trust_remote_code,
+                               revision=config.teacher_revision, variant=config.teacher_variant,
+                               cache_dir=config.cache_dir)  # fmt: skip
     teacher.configure(config)
     data = as_image_set(data) if data is not None else \
         load_images(config.data.spec, split=config.data.split, resize_to=config.data.resize_to,
-                    pad_to=config.data.pad_to, max_items=config.data.max_items)  # fmt: skip
+                    pad_to=config.data.pad_to, max_items=config.data.max_items,
+                    image_column=config.data.image_column, caption_column=config.data.caption_column)  # fmt: skip
     teacher.prepare(data)  # checks that the data fits the teacher first (a small data set is cheap to prepare)
-    global_batch = config.train.batch_size * accelerator.num_processes
+    global_batch = config.train.batch_size * num_processes
     if len(data) < global_batch:
         raise UserError(f"data '{data.name}' has {len(data)} images, fewer than one batch of {global_batch} "
-                        f"(train.batch_size x {accelerator.num_processes} processes); lower --batch-size.")  # fmt: skip
+                        f"(train.batch_size x {num_processes} processes); lower --batch-size.")  # fmt: skip
     return teacher, data
 
 
@@ -149,10 +181,7 @@ def restore(checkpoint: Path, contents: tuple, student: Student, ema: EMA, optim
         optimizer.load_state_dict(optimizer_state)
     except (ValueError, KeyError) as error:
         raise UserError(f"checkpoint '{checkpoint}' has an optimizer state that does not match ({error}).") from None
-    try:
-        return RunState(**{k: state[k] for k in RunState.__dataclass_fields__})
-    except KeyError as error:
-        raise UserError(f"checkpoint '{checkpoint}' has a state.json without '{error.args[0]}'.") from None
+    return run_state(state, checkpoint)
 
 
 def check_stop_step(checkpoint: Path, state: RunState, total: int) -> None:
@@ -170,23 +199,33 @@ class SampleGrids:
         self.n = config.sampling.grid_size
         self.inputs = teacher.sample_inputs(self.n, torch.Generator().manual_seed(config.train.seed))
         self.teacher_row = None
+        self.image = None  # the last grid written (for the trackers)
 
     def _generator(self) -> torch.Generator:
         return torch.Generator(self.device).manual_seed(self.config.train.seed)
 
-    def write(self, student: Student, path: Path, save: bool = True) -> Path:
-        """Sample and save the grid; with sharded models every process samples (collective), one saves."""
+    def write(self, student: Student, path: Path, save: bool = True) -> float:
+        """Sample and save the grid; returns the collapse monitor's distance of its 2-step row to the teacher's
+        row (monitor.py). With sharded models every process samples (collective), one saves."""
         steps_teacher = self.config.sampling.teacher_steps
-        if self.teacher_row is None:
-            x0 = teacher_samples(self.teacher.model, (self.n, *self.teacher.sample_shape), steps_teacher,
-                                 self._generator(), self.teacher.condition_for(self.inputs), self.device)  # fmt: skip
-            self.teacher_row = to_uint8(self.teacher.decode(x0))
-        rows = {f"teacher, {steps_teacher} steps": self.teacher_row}
-        info = sampler_info(self.config, student)
-        for steps in (2, 1):
-            rows[f"student (EMA), {steps} step{'s' * (steps > 1)}"] = self.teacher.student_images(
-                student.network, info, self.inputs, steps, self._generator())
-        return save_png(labelled_rows(rows, columns=self.n), path) if save else path
+        evaluations = (steps_teacher if self.teacher_row is None else 0) + 3  # the teacher's row once, 2 + 1 steps
+        with progress_bar(evaluations, "sampling grid", unit="NFE", disable=not save) as shown:
+            if self.teacher_row is None:
+                x0 = teacher_samples(Ticking(self.teacher.model, shown), (self.n, *self.teacher.sample_shape),
+                                     steps_teacher, self._generator(), self.teacher.condition_for(self.inputs),
+                                     self.device)  # fmt: skip
+                self.teacher_row = to_uint8(self.teacher.decode(x0))
+            rows = {f"teacher, {steps_teacher} steps": self.teacher_row}
+            info = sampler_info(self.config, student)
+            for steps in (2, 1):
+                rows[f"student (EMA), {steps} step{'s' * (steps > 1)}"] = self.teacher.student_images(
+                    student.network, info, self.inputs, steps, self._generator())
+                shown.update(steps)
+        if save:
+            self.image = labelled_rows(rows, columns=self.n)
+            save_png(self.image, path)
+        two_step = rows["student (EMA), 2 steps"]
+        return paired_distance(images01(two_step), images01(self.teacher_row))
 
 
 def sampler_info(config: DistillConfig, student: Student, **facts) -> ExportInfo:
@@ -204,6 +243,7 @@ class DistillResult:
     student: Student  # this process's trained (unwrapped) student
     ema: Student  # the EMA student, the exported weights
     state: RunState
+    is_main: bool = True  # the main process (the one that wrote the export)
 
 
 def distill(config: DistillConfig, resume: str | None = None, overwrite: bool = False,
@@ -211,13 +251,16 @@ def distill(config: DistillConfig, resume: str | None = None, overwrite: bool = 
             layout: Layout = RUN_LAYOUT, data=None) -> DistillResult:  # fmt: skip
     """Run sCD for `config` and export the EMA student to OUTPUT/pipeline. See the module docstring. `data`: image
     tensors or a torch Dataset instead of config.data (scm_distill.data.python_data)."""
+    config = launcher_settings(config, os.environ)  # what the recipe leaves unset comes from accelerate launch
     check_launcher(os.environ, config.train.parallel)
+    check_tracker(config.train.report_to)
     # cpu=True without CUDA: under torchrun that is accelerate's multi-CPU (gloo) mode, not N independent runs
     # find_unused_parameters: the conversion loss does not use the logvar head (DDP fails at step 2 otherwise)
     accelerator = Accelerator(mixed_precision=config.train.mixed_precision, cpu=not torch.cuda.is_available(),
-                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+                              **accelerator_trackers(config))  # fmt: skip
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
-    teacher, data = setup(config, accelerator, teacher, trust_remote_code, data)
+    teacher, data = setup(config, accelerator.device, world, teacher, trust_remote_code, data)
     train = config.train
     if train.activation_checkpointing:
         check_activation_checkpointing(teacher.model.network)
@@ -241,7 +284,7 @@ def distill(config: DistillConfig, resume: str | None = None, overwrite: bool = 
     if resume:
         checkpoint, saved = resume_from(Path(config.output), resume, storage, world, accum, student, ema, optimizer,
                                         fingerprint)  # fmt: skip
-        state = RunState(**{k: saved[k] for k in RunState.__dataclass_fields__})
+        state = run_state(saved, checkpoint)
         check_stop_step(checkpoint, state, total)
         resumes = saved.get("resumes", []) + [{"step": state.step, "changes": resumable_changes(saved, config)}]
     facts = {"fingerprint": fingerprint, "resumable": resumable_config(config), "resumes": resumes,
@@ -258,6 +301,7 @@ def distill(config: DistillConfig, resume: str | None = None, overwrite: bool = 
         if main:
             start_run_dir(config, resume is not None, overwrite, layout)
             truncate_log(run_dir / "log.jsonl", state.step)
+            start_trackers(accelerator, config)
         accelerator.wait_for_everyone()
         student_ddp, optimizer = (student, optimizer) if storage == SHARDED else accelerator.prepare(student, optimizer)
         dropout = SeededDropout(student.model.network) if config.student.dropout > 0 else None
@@ -268,19 +312,36 @@ def distill(config: DistillConfig, resume: str | None = None, overwrite: bool = 
         order = StepBatches(len(data), state.step, total, train.batch_size, train.seed, rank, world, accum)
         loader = torch.utils.data.DataLoader(data, batch_sampler=order, collate_fn=collate,
                                              num_workers=train.num_workers)  # fmt: skip
-        bar = tqdm(total=total, initial=state.step, disable=not main, desc="distill", dynamic_ncols=True,
+        desc = f"distill ({convert_steps} conversion + {train.max_steps} sCD steps)" if convert_steps else \
+            f"distill ({train.max_steps} sCD steps)"  # fmt: skip
+        bar = tqdm(total=total, initial=state.step, disable=not main, desc=desc, dynamic_ncols=True,
                    mininterval=1 if sys.stderr.isatty() else 30)  # a log file gets a line every 30 s, not every step
         shown_loss, started = math.nan, time.time() - state.train_seconds
+        last_logged = (state.samples_seen, state.train_seconds)  # for samples per second between log records
 
-        def save(at: RunState) -> None:
-            folder = run_dir / "checkpoints" / checkpoint_name(at.step)
+        def save(at: RunState, name: str | None = None) -> None:
+            """A checkpoint of the step (pruned to the newest keep_checkpoints), or the named one (`best`, kept)."""
+            folder = run_dir / "checkpoints" / (name or checkpoint_name(at.step))
             if storage == SHARDED:
                 save_sharded_checkpoint(folder, student, ema, optimizer, {**vars(at), **facts}, main)
             elif main:
                 save_checkpoint(folder, student.state_dict(), ema.state_dict(), optimizer.state_dict(),
                                 {**vars(at), **facts})  # fmt: skip
-            if main:
+            if main and name is None:
                 prune_checkpoints(run_dir, train.keep_checkpoints)
+
+        def watch(distance: float) -> None:
+            """The collapse monitor's verdict on a measurement: keep the best checkpoint, warn on degradation."""
+            if math.isfinite(distance) and (state.best_distance is None or distance < state.best_distance):
+                state.best_distance, state.best_step, state.degraded = distance, state.step, False
+                save(state, BEST)
+            elif degraded(distance, state.best_distance):
+                if not state.degraded and main:
+                    tqdm.write(warning_line(distance, state.best_distance, state.best_step, state.step),
+                               file=sys.stderr)  # fmt: skip
+                state.degraded = True
+            else:
+                state.degraded = False
 
         log = open(run_dir / "log.jsonl", "a") if main else None  # noqa: SIM115 - closed in the finally below
         try:
@@ -289,11 +350,14 @@ def distill(config: DistillConfig, resume: str | None = None, overwrite: bool = 
                 phase = "convert" if step < convert_steps else "scd"
                 if step == convert_steps > 0:
                     ema.reset(student)  # the conversion is a warm start: the EMA averages sCD weights only
-                lr = learning_rate(step - convert_steps, config.optim, converting=phase == "convert")
+                lr = learning_rate(step - convert_steps, config.optim, converting=phase == "convert",
+                                   total_steps=train.max_steps, global_batch=train.batch_size * world * accum)
                 micro_losses = []
                 for micro, batch in enumerate(batches):
                     seed_rank = virtual_rank(rank, micro, accum)
                     generator = torch.Generator().manual_seed(step_seed(train.seed, seed_rank, step))
+                    if config.data.random_flip:
+                        batch = {**batch, "image": random_flip(batch["image"], generator)}
                     x0, condition = teacher.prepare_batch(batch, generator)
                     same_masks = dropout.step(dropout_seed(train.seed, seed_rank, step), accelerator.device) \
                         if dropout else nullcontext()  # both passes of the step draw the same dropout masks
@@ -335,16 +399,30 @@ def distill(config: DistillConfig, resume: str | None = None, overwrite: bool = 
                 shown_loss = loss_value if math.isnan(shown_loss) or not finite else 0.9 * shown_loss + 0.1 * loss_value
                 bar.set_postfix(phase=phase, loss=f"{shown_loss:.4f}", skipped=state.skipped_total, refresh=False)
                 bar.update(1)
-                if log and (state.step % train.log_every == 0 or state.step == total):
+                distance = None
+                if grids and (state.step % train.sample_every == 0 or state.step == total):
+                    distance = grids.write(ema.module, run_dir / "samples" / f"{checkpoint_name(state.step)}.png",
+                                           save=main)  # fmt: skip
+                    watch(distance)
+                if log and (state.step % train.log_every == 0 or state.step == total or distance is not None):
                     record = {"step": state.step, "phase": phase, "loss": loss_value, "grad_norm": float(grad_norm),
                               "lr": lr, "skipped": state.skipped_total,
                               "seconds": round(state.train_seconds, 3)}  # fmt: skip
+                    seconds = state.train_seconds - last_logged[1]
+                    if seconds > 0:
+                        record["samples_per_second"] = round((state.samples_seen - last_logged[0]) / seconds, 2)
+                    last_logged = (state.samples_seen, state.train_seconds)
+                    if distance is not None:
+                        record["monitor"] = distance if math.isfinite(distance) else None
                     log.write(json.dumps(record) + "\n")
                     log.flush()
-                if grids and (state.step % train.sample_every == 0 or state.step == total):
-                    grids.write(ema.module, run_dir / "samples" / f"{checkpoint_name(state.step)}.png", save=main)
+                    log_record(accelerator, record)
+                if distance is not None and main:
+                    log_grid(accelerator, grids.image, state.step)
                 if checkpoint_now:
                     save(state)
+                    if main:
+                        write_loss_plot(run_dir)
                     accelerator.wait_for_everyone()
         except KeyboardInterrupt:
             raise Interrupted(interrupted_sentence(run_dir, state.step)) from None
@@ -356,16 +434,25 @@ def distill(config: DistillConfig, resume: str | None = None, overwrite: bool = 
             bar.close()
             if log:
                 log.close()
+                write_loss_plot(run_dir)
+                finish_trackers(accelerator)
 
         export_dir = run_dir / "pipeline"
         check_weights({"student": student}, state.step)  # a collective when sharded: every rank checks
         exported = sharding.full(ema.module, main) if sharding else ema.module  # sharded: gathered to the main CPU
         if main:
+            label, grid_step = f"last (step {state.step})", None
+            if config.export.checkpoint == BEST:  # the collapse monitor's best EMA (monitor.py) and its grid
+                best = run_dir / "checkpoints" / BEST
+                exported = with_weights(exported, checkpoint_weights(best), f"checkpoint '{best}'")
+                label = f"best by the collapse monitor (step {state.best_step} of {state.step})"
+                grid_step = state.best_step
             check_weights({"EMA student": exported}, state.step)
             check_samples(ema_samples(config, teacher, exported), state.step)
-            export_student(config, teacher, exported, export_dir, run_dir, state, convert_steps, world * accum)
+            export_student(config, teacher, exported, export_dir, run_dir, state, convert_steps, world * accum,
+                           checkpoint=label, grid_step=grid_step)  # fmt: skip
         accelerator.wait_for_everyone()
-        return DistillResult(run_dir, export_dir, student, exported if main else ema.module, state)
+        return DistillResult(run_dir, export_dir, student, exported if main else ema.module, state, main)
     finally:
         if lock:
             lock.release()
@@ -454,9 +541,13 @@ def train_clip(config: DistillConfig) -> float:
 
 
 def export_student(config: DistillConfig, teacher: Teacher, student: Student, export_dir: Path, run_dir: Path,
-                   state: RunState, convert_steps: int, world: int) -> Path:  # fmt: skip
-    """Export the EMA student with the run's facts (the steps it actually trained) in the model card."""
+                   state: RunState, convert_steps: int, world: int, checkpoint: str | None = None,
+                   grid_step: int | None = None) -> Path:  # fmt: skip
+    """Export the EMA student with the run's facts (the steps it actually trained, the checkpoint) in the model
+    card, with the sample grid of `grid_step` (default: the last grid)."""
     grids = sorted((run_dir / "samples").glob("*.png")) if (run_dir / "samples").is_dir() else []
+    if grid_step is not None:
+        grids = [g for g in grids if g.name == f"{checkpoint_name(grid_step)}.png"]
     batch = config.train.batch_size * world
     facts = {
         "teacher": config.export.base_model_id or Path(config.teacher).name,
@@ -465,7 +556,20 @@ def export_student(config: DistillConfig, teacher: Teacher, student: Student, ex
         "sCD steps x batch": f"{max(state.step - convert_steps, 0)} x {batch}",
         "training time": f"{state.train_seconds / 60:.1f} min",
         "skipped (non-finite) steps": state.skipped_total,
+        "optimizer": f"{config.optim.name}, lr {learning_rate_text(config, batch)}, betas {list(config.optim.betas)}",
+        "EMA half-life": f"{config.train.ema_halflife_kimg} kimg",
+        "sampler": f"t_mid {config.sampling.t_mid}, sigma_max {config.sampling.sigma_max}",
     }
+    if checkpoint:
+        facts["exported checkpoint"] = checkpoint
+    if state.best_distance is not None:
+        facts["collapse monitor, best distance (RMS px)"] = f"{state.best_distance:.4f} at step {state.best_step}"
     info = sampler_info(config, student, license=teacher_license(teacher), card_facts=facts,
                         sample_grid=grids[-1] if grids else None)  # fmt: skip
     return export_pipeline(teacher, student.network, export_dir, info)
+
+
+def learning_rate_text(config: DistillConfig, global_batch: int) -> str:
+    o = config.optim
+    text = f"{o.lr * global_batch:g} (scale_lr: {o.lr:g} x batch {global_batch})" if o.scale_lr else f"{o.lr:g}"
+    return f"{text}, {o.decay} schedule" + (f", {o.warmup_steps} warmup steps" if o.warmup_steps else "")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 from scm_distill.cli import main
@@ -27,9 +28,9 @@ def snapshot(folder: Path) -> dict[str, str]:
 
 
 def error_lines(stderr: str) -> list[str]:
-    """stderr without tqdm's progress lines (carriage-return redraws of 'distill: ...')."""
+    """stderr without tqdm's progress lines (carriage-return redraws of 'distill (N sCD steps): ...')."""
     lines = [line.split("\r")[-1] for line in stderr.splitlines()]
-    return [line for line in lines if line.strip() and not line.startswith("distill:")]
+    return [line for line in lines if line.strip() and not re.match(r"distill( \(.*\))?:", line)]
 
 
 def log_bad_input(argv, one_sentence: bool, nothing_written: bool) -> None:

@@ -35,8 +35,8 @@ def test_help_says_what_each_command_does(capsys):
 def test_dry_run_prints_the_resolved_config(capsys, tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("objective:\n  P_mean: -0.8\ntrain:\n  batch_size: 32\n")
-    assert main(["distill", "--teacher", "t", "--output", "o", "--recipe", str(recipe), "--max-steps", "7",
-                 "--set", "optim.lr=3e-4", "--dry-run"]) == 0  # fmt: skip
+    assert main(["distill", "--teacher", str(tmp_path), "--output", "o", "--recipe", str(recipe), "--max-steps", "7",
+                 "--set", "optim.lr=3e-4", "--dry-run"]) == 0  # fmt: skip (--dry-run checks that a teacher path exists)
     config = json.loads(capsys.readouterr().out)
     assert config["objective"]["P_mean"] == -0.8 and config["train"]["batch_size"] == 32
     assert config["train"]["max_steps"] == 7 and config["optim"]["lr"] == 3e-4

@@ -69,7 +69,7 @@ def test_push_uploads_the_export_and_never_checkpoints(tiny_run, tmp_path, fake_
     shutil.copytree(tiny_run.export_dir, folder)
     (folder / "checkpoints" / "step-0000001").mkdir(parents=True)
     (folder / "checkpoints" / "step-0000001" / "ema.safetensors").write_bytes(b"x")
-    url = push_to_hub(folder, "me/digits-2step", token="hf_fake")
+    url = push_to_hub(folder, "me/digits-2step", token="hf_fake", license="apache-2.0")
     assert url.endswith("/commit/1")
     assert ("POST", "/api/repos/create") in fake_hub.requests
     assert fake_hub.uploaded == ["README.md", "model_index.json", "samples.png", "scheduler/scheduler_config.json",

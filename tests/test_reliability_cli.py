@@ -157,8 +157,8 @@ def test_sample_output_that_is_a_folder(capsys, tiny_run, tmp_path):
     folder.mkdir()
     refuses(capsys, ["sample", "--model", tiny_run.export_dir, "--output", folder, "--trust-remote-code"],
             "is a folder; give a file name", untouched=[tmp_path])  # fmt: skip
-    refuses(capsys, ["sample", "--model", tiny_run.export_dir, "--output", tmp_path / "grid.jpg"],
-            "must name a .png file", untouched=[tmp_path])  # fmt: skip
+    refuses(capsys, ["sample", "--model", tiny_run.export_dir, "--output", tmp_path / "grid.gif"],
+            "must name a .png, .jpg, .jpeg or .webp file", untouched=[tmp_path])  # fmt: skip
     assert not list(tmp_path.rglob("*.tmp*"))
 
 
@@ -209,7 +209,8 @@ def test_every_push_network_failure_is_one_sentence(capsys, tiny_run, monkeypatc
         raise failure
 
     monkeypatch.setattr("scm_distill.export.push.create_repo", create_repo)
-    refuses(capsys, ["push", tiny_run.export_dir, "--repo-id", "me/model"], match, untouched=[tiny_run.export_dir])
+    refuses(capsys, ["push", tiny_run.export_dir, "--repo-id", "me/model", "--license", "mit"], match,
+            untouched=[tiny_run.export_dir])
 
 
 def test_hub_data_offline_fails_at_once_without_retries(capsys, tiny_teacher, tmp_path, monkeypatch):

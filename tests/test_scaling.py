@@ -120,7 +120,8 @@ def test_bad_settings_and_launchers_are_one_sentence(case, capsys, tiny_teacher,
              "fsdp1": "accelerate's FSDP1 is not supported",
              "fsdp2-with-ddp": "the accelerate config asks for FSDP2 but train.parallel is ddp"}[case]  # fmt: skip
     sets = {"accum-0": ["train.grad_accum_steps=0"],
-            "compiled-jvp-with-fsdp": ["objective.compile_jvp=true", "train.parallel=fsdp"]}.get(case, [])
+            "compiled-jvp-with-fsdp": ["objective.compile_jvp=true", "train.parallel=fsdp"],
+            "fsdp2-with-ddp": ["train.parallel=ddp"]}.get(case, [])  # unset, train.parallel takes accelerate's
     fails(capsys, "distill", "--teacher", str(tiny_teacher), "--data", "digits", "--output", str(tmp_path / "out"),
           *(arg for item in sets for arg in ("--set", item)), match=match)  # fmt: skip
     assert tree(tmp_path) == []

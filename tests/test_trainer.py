@@ -41,7 +41,7 @@ def test_run_dir_contents(tiny_teacher, tmp_path):
     run = result.run_dir
     config = json.loads((run / "config.json").read_text())
     assert config["teacher"] == str(tiny_teacher) and config["train"]["max_steps"] == 3
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000004", "step-0000005"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best", "step-0000004", "step-0000005"]
     assert (run / "samples" / "step-0000002.png").is_file() and (run / "samples" / "step-0000005.png").is_file()
     card = (result.export_dir / "README.md").read_text()
     assert "library_name: diffusers" in card and "num_inference_steps=2" in card and "trust_remote_code" not in card

@@ -103,14 +103,18 @@ def channels_and_resolution(headers: list, transform: Transform, what: str) -> t
 class LazyImageSet(ImageSet):
     """An ImageSet over a `datasets.Dataset` whose images are decoded and transformed when read."""
 
-    def __init__(self, table, *, name: str, split: str, transform: Transform, what: str) -> None:
+    def __init__(self, table, *, name: str, split: str, transform: Transform, what: str,
+                 image_column: str | None = None, caption_column: str | None = None) -> None:  # fmt: skip
         import datasets
 
         if len(table) == 0:
             raise UserError(f"{what} has no images in split {split!r}")
-        self.image_column = find_image_column(table.features, what)
+        for flag, column in (("data.image_column", image_column), ("data.caption_column", caption_column)):
+            if column is not None and column not in table.features:
+                raise UserError(f"{what} has no column '{column}' ({flag}); its columns are {list(table.features)}")
+        self.image_column = image_column or find_image_column(table.features, what)
         self.label_column = find_label_column(table.features)
-        self.caption_column = find_caption_column(table.features)
+        self.caption_column = caption_column or find_caption_column(table.features)
         self.table = table.cast_column(self.image_column, datasets.Image(decode=False))
         self.transform = transform
         headers = scan_headers(self.table, self.image_column, SCAN_LIMIT)
@@ -180,7 +184,7 @@ def take(table, max_items: int | None):
 
 # A local folder in the imagefolder layout ("all" = every split concatenated).
 def load_folder(
-    path: str, *, name: str, split: str, transform: Transform, max_items: int | None
+    path: str, *, name: str, split: str, transform: Transform, max_items: int | None, **columns: str | None
 ) -> LazyImageSet:
     import datasets
 
@@ -190,7 +194,7 @@ def load_folder(
             table = datasets.load_dataset("imagefolder", data_dir=path, split=split)
     except ValueError as err:
         raise UserError(f"cannot read {what} as split {split!r}: {err}") from None
-    return LazyImageSet(take(table, max_items), name=name, split=split, transform=transform, what=what)
+    return LazyImageSet(take(table, max_items), name=name, split=split, transform=transform, what=what, **columns)
 
 
 # "hf:NAME" or "hf:NAME:CONFIG" -> (NAME, CONFIG or None).
@@ -214,7 +218,8 @@ def hub_unreachable() -> str | None:
 
 
 # A Hub data set, `datasets.load_dataset(NAME, CONFIG, split=split)`.
-def load_hub(spec: str, *, split: str, transform: Transform, max_items: int | None) -> LazyImageSet:
+def load_hub(spec: str, *, split: str, transform: Transform, max_items: int | None,
+             **columns: str | None) -> LazyImageSet:  # fmt: skip
     import datasets
 
     dataset, config = parse_hub_spec(spec)
@@ -232,4 +237,4 @@ def load_hub(spec: str, *, split: str, transform: Transform, max_items: int | No
         why = "the Hugging Face Hub cannot be reached" if isinstance(err, ConnectionError) else "it was not found"
         raise UserError(f"{what} could not be loaded because {why} ({reason}); a copy cached earlier loads with "
                         "HF_HUB_OFFLINE=1") from None  # fmt: skip
-    return LazyImageSet(take(table, max_items), name=spec, split=split, transform=transform, what=what)
+    return LazyImageSet(take(table, max_items), name=spec, split=split, transform=transform, what=what, **columns)

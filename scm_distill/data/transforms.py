@@ -146,3 +146,9 @@ class Transform:
         if self.pad_to is not None:
             x = pad_square(x, self.pad_to)
         return x.contiguous()
+
+
+def random_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Flip each image [B, C, H, W] horizontally with probability 1/2, drawn from `generator` (the step's)."""
+    flip = torch.rand(images.shape[0], generator=generator) < 0.5
+    return torch.where(flip.to(images.device)[:, None, None, None], images.flip(-1), images)

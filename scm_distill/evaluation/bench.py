@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from ..export.contract import DESCRIPTION_FILE, read_description
 from ..export.load import UntrustedCodeError
 from ..families import Teacher, load_teacher
 from ..files import check_writable_folder
+from ..progress import tracked
 from .cost import CostCase, finite_difference_error, training_cost, unet2d_case
 from .speed import sampling_speed
 from .timing import measure
@@ -90,6 +92,7 @@ def sampling_table(model: Path, student: Teacher | None, teacher: str | None, se
         return table
     teacher_e2e = end_to_end_ms(teacher, 1, settings.teacher_steps, device, settings.repeats, settings.prompt, trust)
     student_e2e = end_to_end_ms(model, 1, 2, device, settings.repeats, settings.prompt, trust)
+    print("bench: timing the teacher's and the student's pipelines end to end", file=sys.stderr)
     table["end_to_end_batch1"] = {"teacher_ms": teacher_e2e, "student_2_step_ms": student_e2e,
                                   "speedup_2_step": teacher_e2e / student_e2e}  # fmt: skip
     if student is None:
@@ -135,12 +138,14 @@ def bench(model: Path, output: Path, teacher: str | None = None, settings: Bench
                         student.model.network_call, student.sample_shape, train_batch,
                         lambda B, d: {})  # fmt: skip
         precisions = ("fp32", "bf16") if device.type == "cuda" else ("fp32",)
-        results["training"] = [training_cost(case, device, p, repeats=settings.repeats) for p in precisions]
+        results["training"] = [training_cost(case, device, p, repeats=settings.repeats)
+                               for p in tracked(precisions, "timing the sCD step", unit="precision")]  # fmt: skip
         results["finite_difference"] = [finite_difference_error(case, device, p) for p in precisions]
     if settings.scaling:
         precision = "bf16" if device.type == "cuda" else "fp32"
         results["scaling"] = [training_cost(c, device, precision, repeats=settings.repeats)
-                              for c in scaling_cases(settings, device)]  # fmt: skip
+                              for c in tracked(scaling_cases(settings, device), "timing the scaling table",
+                                               unit="size")]  # fmt: skip
     output.mkdir(parents=True, exist_ok=True)
     (output / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
     plot_bench(results, output)
@@ -173,9 +178,9 @@ def plot_training(records: list[dict], path: Path) -> None:
                label="diffusion step" if i == 0 else None)  # fmt: skip
     ax.set_xticks(range(len(records)), [r["precision"] for r in records])
     ax.set_ylabel("ms per step")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)  # outside the bars
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 

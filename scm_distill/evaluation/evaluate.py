@@ -33,6 +33,8 @@ from ..grids import labelled_rows, save_png, to_uint8
 from ..metrics import INCEPTION_V3, compute_metrics, resolve_feature_extractor
 from ..metrics.classifier import NUM_CLASSES, YARDSTICKS, class_accuracy
 from ..metrics.features import tensor_weights
+from ..progress import bar as progress_bar
+from ..progress import tracked
 
 
 @dataclass(frozen=True)
@@ -103,10 +105,13 @@ def reference_images(spec: str, shape: tuple[int, ...], settings: EvalSettings) 
 def student_images(sampler: PipelineSampler, steps: int, settings: EvalSettings) -> torch.Tensor:
     """uint8 samples of an exported pipeline at `steps` network evaluations (chunked, seeded per chunk)."""
     chunks, done = [], 0
+    shown = progress_bar(settings.num_samples, f"sampling student@{steps}", unit="img")
     while done < settings.num_samples:
         n = min(settings.batch_size, settings.num_samples - done)
         chunks.append(sampler(n, steps, settings.seed + done, start=done))
         done += n
+        shown.update(n)
+    shown.close()
     return torch.cat(chunks)
 
 
@@ -116,6 +121,7 @@ def teacher_images(teacher, steps: int, settings: EvalSettings) -> torch.Tensor:
     if prompts and teacher.inputs_kind != "prompt":
         raise UserError(f"teacher '{teacher.source}' is not a text-to-image model; it takes no prompts.")
     chunks, done = [], 0
+    shown = progress_bar(settings.num_samples, f"sampling teacher@{steps}", unit="img")
     while done < settings.num_samples:
         n = min(settings.batch_size, settings.num_samples - done)
         generator = torch.Generator().manual_seed(settings.seed + done)
@@ -128,6 +134,8 @@ def teacher_images(teacher, steps: int, settings: EvalSettings) -> torch.Tensor:
         x0 = teacher_samples(teacher.model, (n, *teacher.sample_shape), steps, generator, teacher.condition_for(inputs))
         chunks.append(to_uint8(teacher.decode(x0)))
         done += n
+        shown.update(n)
+    shown.close()
     return torch.cat(chunks)
 
 
@@ -174,7 +182,7 @@ def evaluate(model: Path, reference: str, output: Path, teacher: str | None = No
     cache_key = re.sub(r"[^A-Za-z0-9_.-]+", "-", ref_name).strip("-.")  # a folder path names a file-safe key
     results = {name: compute_metrics(images, ref, feature_extractor=extractor, weights_path=weights,
                                      cache_dir=str(output / ".fidelity-cache"), reference_cache_key=cache_key)
-               for name, images in sets.items()}  # fmt: skip
+               for name, images in tracked(sets.items(), "features and metrics", len(sets), "set")}  # fmt: skip
     if settings.class_accuracy:
         for name, images in sets.items():
             results[name]["accuracy"] = class_accuracy(images, sample_labels(len(images)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -16,9 +17,11 @@ class Timing:
     min_ms: float
     repeats: int
     peak_gib: float | None  # peak device memory during the timed calls (CUDA only)
+    max_ms: float = math.nan
 
     def as_dict(self) -> dict:
-        return {"median_ms": round(self.median_ms, 4), "min_ms": round(self.min_ms, 4), "repeats": self.repeats,
+        return {"median_ms": round(self.median_ms, 4), "min_ms": round(self.min_ms, 4),
+                "max_ms": round(self.max_ms, 4), "repeats": self.repeats,
                 "peak_gib": None if self.peak_gib is None else round(self.peak_gib, 4)}  # fmt: skip
 
 
@@ -41,4 +44,4 @@ def measure(fn: Callable[[], object], device: torch.device, warmup: int = 2, rep
         synchronize(device)
         times.append((time.perf_counter() - start) * 1000)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return Timing(statistics.median(times), min(times), repeats, peak)
+    return Timing(statistics.median(times), min(times), repeats, peak, max(times))

@@ -53,7 +53,12 @@ def is_hub_id(name: str | None) -> bool:
 
 def teacher_license(teacher) -> str | None:
     """The licence in the teacher's own model card (README.md metadata), if it has one."""
-    path = Path(getattr(teacher, "folder", "")) / "README.md"
+    return folder_license(Path(getattr(teacher, "folder", "")))
+
+
+def folder_license(folder: Path) -> str | None:
+    """The licence in a pipeline folder's model card, if it has one."""
+    path = Path(folder) / "README.md"
     if not path.is_file():
         return None
     try:

@@ -34,8 +34,9 @@ def supported_families() -> str:
     return "; ".join(f"{f.family} ({f.description})" for f in FAMILIES)
 
 
-def resolve_folder(source: str) -> Path:
-    """A local pipeline folder, or a Hub id found in the local cache or downloaded."""
+def resolve_folder(source: str, revision: str | None = None, cache_dir: str | None = None) -> Path:
+    """A local pipeline folder, or a Hub id (at `revision`) found in the local cache (`cache_dir`, default the
+    Hub's) or downloaded."""
     path = Path(source).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -47,11 +48,11 @@ def resolve_folder(source: str) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(source, local_files_only=True))
+        return Path(snapshot_download(source, revision=revision, cache_dir=cache_dir, local_files_only=True))
     except Exception:  # noqa: BLE001 - not cached: try the network next
         pass
     try:
-        return Path(snapshot_download(source))
+        return Path(snapshot_download(source, revision=revision, cache_dir=cache_dir))
     except Exception as error:  # noqa: BLE001 - any hub/network failure is one message
         raise UserError(f"teacher '{source}' is not a local folder and could not be fetched from the Hugging "
                          f"Face Hub ({error.__class__.__name__}; offline?).") from None  # fmt: skip
@@ -86,16 +87,19 @@ LOAD_ERRORS = (OSError, SafetensorError)
 
 
 def load_teacher(source: str, sigma_d: float = 0.5, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> Teacher:  # fmt: skip
+                 dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, revision: str | None = None,
+                 variant: str | None = None, cache_dir: str | None = None) -> Teacher:  # fmt: skip
     """Load a teacher pipeline and wrap it in its family's adapter; a folder that ships Python code is refused
-    unless `trust_remote_code` (no family runs such code, but the folder's author meant it to be run)."""
-    folder = resolve_folder(source)
+    unless `trust_remote_code` (no family runs such code, but the folder's author meant it to be run). Hub
+    teachers: `revision` (branch, tag or commit), `cache_dir`; any teacher: the weight `variant` (e.g. fp16)."""
+    folder = resolve_folder(source, revision, cache_dir)
     model_index = read_model_index(folder)
     check_trusted(folder, model_index, trust_remote_code, what="teacher")
     family = family_of(model_index, source)
     check_components(folder, model_index, source)
     try:
-        return family.from_pretrained(folder, source, sigma_d, torch.device(device), dtype)
+        options = {"variant": variant} if variant else {}
+        return family.from_pretrained(folder, source, sigma_d, torch.device(device), dtype, **options)
     except UserError:
         raise
     except LOAD_ERRORS as error:

@@ -63,8 +63,9 @@ class Teacher(ABC):
     @classmethod
     @abstractmethod
     def from_pretrained(cls, folder: Path, source: str, sigma_d: float, device: torch.device,
-                        dtype: torch.dtype) -> Teacher:  # fmt: skip
-        """Load the teacher's components from a local pipeline folder."""
+                        dtype: torch.dtype, variant: str | None = None) -> Teacher:  # fmt: skip
+        """Load the teacher's components from a local pipeline folder (`variant`: diffusers' weight variant,
+        e.g. "fp16" for *.fp16.safetensors)."""
 
     @property
     @abstractmethod

@@ -86,10 +86,10 @@ class DiTTeacher(GuidedLatentTeacher):
 
     @classmethod
     def from_pretrained(cls, folder: Path, source: str, sigma_d: float, device: torch.device,
-                        dtype: torch.dtype) -> DiTTeacher:  # fmt: skip
+                        dtype: torch.dtype, variant: str | None = None) -> DiTTeacher:  # fmt: skip
         check_trainable_weights(Path(folder), "transformer", source, device)
         with quiet_loading():
-            pipe = diffusers.DiTPipeline.from_pretrained(folder, torch_dtype=dtype)
+            pipe = diffusers.DiTPipeline.from_pretrained(folder, torch_dtype=dtype, variant=variant)
         return cls(pipe.to(device), source, folder, sigma_d)
 
     def default_resolution(self) -> tuple[int, int]:

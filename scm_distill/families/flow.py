@@ -98,11 +98,11 @@ class FlowTeacher(GuidedLatentTeacher):
 
     @classmethod
     def from_pretrained(cls, folder: Path, source: str, sigma_d: float, device: torch.device,
-                        dtype: torch.dtype) -> FlowTeacher:  # fmt: skip
+                        dtype: torch.dtype, variant: str | None = None) -> FlowTeacher:  # fmt: skip
         require_transformers(source, cls.pipeline_name)
         check_trainable_weights(Path(folder), "transformer", source, device)
         with quiet_loading():
-            pipe = cls.pipeline_class().from_pretrained(folder, torch_dtype=dtype)
+            pipe = cls.pipeline_class().from_pretrained(folder, torch_dtype=dtype, variant=variant)
         return cls(pipe.to(device), source, folder, sigma_d)
 
     def default_resolution(self) -> tuple[int, int]:

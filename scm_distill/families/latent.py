@@ -32,6 +32,7 @@ from ..data import ImageSet
 from ..data.imageset import evenly_spaced
 from ..errors import UserError
 from ..parameterization import freeze
+from ..progress import tracked
 
 ENCODE_BATCH = 16  # images per VAE call while filling the cache or measuring sigma_d
 
@@ -172,8 +173,9 @@ class LatentData:
     def sigma_data(self, images: ImageSet, n: int) -> float:
         """sigma_d measured on the latents of n evenly spaced images of the data set."""
         picked = evenly_spaced(len(images), n).tolist()
+        starts = tracked(range(0, len(picked), ENCODE_BATCH), "encoding latents (sigma_d)", unit="batch")
         latents = [self.latents(torch.stack([images[i]["image"] for i in picked[s : s + ENCODE_BATCH]]))
-                   for s in range(0, len(picked), ENCODE_BATCH)]  # fmt: skip
+                   for s in starts]  # fmt: skip
         return float(measure_sigma_data(torch.cat(latents)))
 
     def latents(self, images: Tensor) -> Tensor:

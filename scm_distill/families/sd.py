@@ -101,9 +101,9 @@ class StableDiffusionTeacher(GuidedLatentTeacher):
 
     @classmethod
     def from_pretrained(cls, folder: Path, source: str, sigma_d: float, device: torch.device,
-                        dtype: torch.dtype) -> StableDiffusionTeacher:  # fmt: skip
+                        dtype: torch.dtype, variant: str | None = None) -> StableDiffusionTeacher:  # fmt: skip
         require_transformers(source, cls.pipeline_name)
-        variant = check_trainable_weights(Path(folder), "unet", source, device)
+        variant = variant or check_trainable_weights(Path(folder), "unet", source, device)
         with quiet_loading():
             pipe = cls.pipeline_class().from_pretrained(folder, torch_dtype=dtype, variant=variant, **cls.load_options)
         if pipe.unet.config.time_cond_proj_dim is not None:

@@ -40,12 +40,12 @@ class UNet2DTeacher(Teacher):
 
     @classmethod
     def from_pretrained(cls, folder: Path, source: str, sigma_d: float, device: torch.device,
-                        dtype: torch.dtype) -> UNet2DTeacher:  # fmt: skip
+                        dtype: torch.dtype, variant: str | None = None) -> UNet2DTeacher:  # fmt: skip
         config_path = folder / "scheduler" / "scheduler_config.json"
         if not config_path.is_file():
             raise UserError(f"teacher '{source}' has no scheduler/scheduler_config.json.")
         scheduler_config = json.loads(config_path.read_text())
-        unet = UNet2DModel.from_pretrained(folder / "unet", torch_dtype=dtype).to(device)
+        unet = UNet2DModel.from_pretrained(folder / "unet", torch_dtype=dtype, variant=variant).to(device)
         return cls(unet, scheduler_config, source, folder, sigma_d)
 
     @property
