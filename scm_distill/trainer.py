@@ -28,11 +28,8 @@ from tqdm.auto import tqdm
 
 from .accumulation import gradient_sync, grouped, virtual_rank
 from .checkpoint import (
-    check_state_dict,
     checkpoint_name,
     list_checkpoints,
-    load_checkpoint,
-    load_newest_checkpoint,
     prune_checkpoints,
     save_checkpoint,
 )
@@ -44,8 +41,7 @@ from .errors import Interrupted, NonFiniteError, UserError
 from .export.card import is_hub_id, teacher_license
 from .export.pipeline import export_pipeline
 from .families import ExportInfo, Teacher, load_teacher
-from .files import write_atomic
-from .fingerprint import check_fingerprint, resumable_changes, resumable_config, run_fingerprint
+from .fingerprint import resumable_changes, resumable_config, run_fingerprint
 from .finite import check_initial_weights, check_samples, check_weights
 from .generate import sampling_times, teacher_samples
 from .grids import labelled_rows, save_png, to_uint8
@@ -63,11 +59,12 @@ from .parallel import (
 )
 from .progress import Ticking
 from .progress import bar as progress_bar
+from .resume import RunState, check_stop_step, resume_from, run_state, truncate_log
 from .run_dir import RUN_LAYOUT, Layout, check_output, make_output_folder, start_run_dir
 from .run_export import BEST, checkpoint_weights, with_weights
 from .run_lock import RunLock
 from .seeded_dropout import SeededDropout, dropout_seed
-from .sharded_checkpoint import REPLICATED, SHARDED, check_resume, load_sharded_checkpoint, save_sharded_checkpoint
+from .sharded_checkpoint import REPLICATED, SHARDED, save_sharded_checkpoint
 from .student import Student
 from .tracking import (
     accelerator_trackers,
@@ -106,30 +103,6 @@ class StepBatches:
                                     virtual_rank(self.rank, micro, self.accum), self.world * self.accum).tolist()
 
 
-@dataclass
-class RunState:
-    """Counters saved with each checkpoint."""
-
-    step: int = 0
-    samples_seen: int = 0
-    skipped_total: int = 0
-    skipped_in_a_row: int = 0
-    train_seconds: float = 0.0
-    best_distance: float | None = None  # the collapse monitor's best distance so far (monitor.py) and its step
-    best_step: int | None = None
-    degraded: bool = False  # the last measurement was over the monitor's degradation rule (warned once)
-
-
-def run_state(saved: dict, checkpoint: Path) -> RunState:
-    """The counters of a checkpoint's state.json (monitor fields default: checkpoints from before the monitor)."""
-    fields = RunState.__dataclass_fields__
-    required = ("step", "samples_seen", "skipped_total", "skipped_in_a_row", "train_seconds")
-    missing = [k for k in required if k not in saved]
-    if missing:
-        raise UserError(f"checkpoint '{checkpoint}' has a state.json without '{missing[0]}'.")
-    return RunState(**{k: saved[k] for k in fields if k in saved})
-
-
 def setup(config: DistillConfig, device: torch.device, num_processes: int, teacher: Teacher | None,
           trust_remote_code: bool = False, data=None) -> tuple[Teacher, ImageSet]:  # fmt: skip
     """Load and check the teacher and the data (before the output folder is touched)."""
@@ -156,38 +129,6 @@ def make_student(config: DistillConfig, teacher: Teacher) -> Student:
     if config.student.time_embedding_max_frequency is not None:
         teacher.low_pass_time_embedding(model.network, config.student.time_embedding_max_frequency)
     return Student(model, config.student.logvar_channels)
-
-
-def read_resume_checkpoint(run_dir: Path, resume: str) -> tuple[Path, tuple]:
-    """`latest` -> the newest checkpoint of the run that reads back; otherwise the checkpoint folder named."""
-    if resume == "latest":
-        return load_newest_checkpoint(run_dir)
-    path = Path(resume)
-    if not (path / "state.json").is_file():
-        raise UserError(f"--resume '{resume}' is not a checkpoint folder (no state.json).")
-    return path, load_checkpoint(path)
-
-
-def restore(checkpoint: Path, contents: tuple, student: Student, ema: EMA, optimizer: torch.optim.Optimizer,
-            fingerprint: dict) -> RunState:  # fmt: skip
-    """Load a checkpoint made by this same run (fingerprint) into the student, the EMA and the optimizer."""
-    weights, ema_weights, optimizer_state, state = contents
-    check_fingerprint(state.get("fingerprint"), fingerprint, checkpoint)
-    check_state_dict(weights, student.state_dict(), f"checkpoint '{checkpoint}'")
-    check_state_dict(ema_weights, ema.state_dict(), f"checkpoint '{checkpoint}' (EMA)")
-    student.load_state_dict(weights)
-    ema.load_state_dict(ema_weights)
-    try:
-        optimizer.load_state_dict(optimizer_state)
-    except (ValueError, KeyError) as error:
-        raise UserError(f"checkpoint '{checkpoint}' has an optimizer state that does not match ({error}).") from None
-    return run_state(state, checkpoint)
-
-
-def check_stop_step(checkpoint: Path, state: RunState, total: int) -> None:
-    if state.step > total:
-        raise UserError(f"checkpoint '{checkpoint}' is at step {state.step}, beyond the {total} steps this run is set "
-                        f"to (conversion + train.max_steps); pass a larger --max-steps.")  # fmt: skip
 
 
 class SampleGrids:
@@ -458,34 +399,6 @@ def distill(config: DistillConfig, resume: str | None = None, overwrite: bool = 
             lock.release()
 
 
-def resume_from(run_dir: Path, resume: str, storage: str, world: int, accum: int, student: Student, ema: EMA,
-                optimizer: torch.optim.Optimizer, fingerprint: dict) -> tuple[Path, dict]:  # fmt: skip
-    """Load the checkpoint to resume (replicated or sharded) after checking how it was stored and whose it is;
-    returns it and its state.json."""
-    if resume != "latest":
-        checkpoint = Path(resume)
-        if not (checkpoint / "state.json").is_file():
-            raise UserError(f"--resume '{resume}' is not a checkpoint folder (no state.json).")
-        check_resume(checkpoint, storage, world * accum, world)
-    if storage == SHARDED:
-        checkpoint = checkpoint if resume != "latest" else newest_checkpoint(run_dir)
-        check_resume(checkpoint, storage, world * accum, world)
-        saved = load_sharded_checkpoint(checkpoint, student, ema, optimizer)
-        check_fingerprint(saved.get("fingerprint"), fingerprint, checkpoint)
-        return checkpoint, saved
-    checkpoint, contents = read_resume_checkpoint(run_dir, resume)
-    check_resume(checkpoint, storage, world * accum, world)
-    restore(checkpoint, contents, student, ema, optimizer, fingerprint)
-    return checkpoint, contents[3]
-
-
-def newest_checkpoint(run_dir: Path) -> Path:
-    checkpoints = list_checkpoints(run_dir)
-    if not checkpoints:
-        raise UserError(f"there is no checkpoint to resume in '{run_dir}'.")
-    return checkpoints[-1]
-
-
 class DataError(UserError):
     """An image the data loader could not read in the middle of a run."""
 
@@ -518,22 +431,6 @@ def ema_samples(config: DistillConfig, teacher: Teacher, ema: Student) -> torch.
     generator = torch.Generator().manual_seed(config.train.seed)
     return teacher.student_float_images(ema.network, sampler_info(config, ema), teacher.sample_inputs(2, generator),
                                         2, torch.Generator().manual_seed(config.train.seed))  # fmt: skip
-
-
-def truncate_log(path: Path, step: int) -> None:
-    """Drop log records after the step a run resumes from (they are recomputed identically) and a torn last line
-    (a run killed while writing it)."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
-            kept.append(line)
-    write_atomic(path, "".join(f"{line}\n" for line in kept))
 
 
 def train_clip(config: DistillConfig) -> float:
