@@ -1,4 +1,4 @@
-"""The `scm-distill` command line: distill, sample, evaluate, bench, push, demo.
+"""The `scm-distill` command line: distill, export, push, demo, plan here; sample, evaluate and bench in cli_read.py.
 
 Every known bad input ends in one sentence on stderr and exit status 1; nothing half-written is left behind.
 """

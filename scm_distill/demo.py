@@ -33,7 +33,8 @@ from .generate import sampling_times, teacher_samples
 from .grids import labelled_rows, save_png, to_uint8
 from .metrics import EFFICIENTNET_LITE0, extract_features, feature_statistics, frechet_distance
 from .run_dir import RUN_LAYOUT, Layout
-from .trainer import distill, sampler_info
+from .run_outputs import sampler_info
+from .trainer import distill
 
 PACKAGE = Path(__file__).resolve().parent
 DEMO_TEACHER = PACKAGE / "assets" / "digits-teacher"

@@ -2,7 +2,7 @@
 
 The run's own `config.json` rebuilds the teacher, the data check (latent families measure sigma_d on it, as the run
 did) and the student; the checkpoint's weights (replicated or sharded, EMA or raw) are loaded with the same key and
-shape checks as a resume, then `trainer.export_student` writes the folder - the same code path as the run's end.
+shape checks as a resume, then `run_outputs.export_student` writes the folder - the same code path as the run's end.
 """
 
 from __future__ import annotations
@@ -104,7 +104,8 @@ def load_run_checkpoint(run_dir: Path, which: str = "latest", weights: Weights =
 def export_checkpoint(run_dir: Path, output: Path, which: str = "latest", weights: Weights = "ema",
                       trust_remote_code: bool = False) -> Path:  # fmt: skip
     """Write the pipeline folder of one checkpoint of a run (the same folder the run's end writes)."""
-    from .trainer import export_student, run_state
+    from .resume import run_state
+    from .run_outputs import export_student
 
     found = load_run_checkpoint(run_dir, which, weights, trust_remote_code)
     config, state = found.config, run_state(found.state, found.folder)

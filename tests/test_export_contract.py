@@ -15,7 +15,7 @@ import torch
 from export_forms import FORMS
 
 from scm_distill.export.contract import read_description
-from scm_distill.trainer import sampler_info
+from scm_distill.run_outputs import sampler_info
 
 # Runs where scm_distill cannot be imported: samples, network-call counts, re-save round trip, output forms.
 LOAD_WITHOUT_SCM_DISTILL = """
