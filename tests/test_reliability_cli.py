@@ -13,7 +13,7 @@ from huggingface_hub.errors import HTTPError, OfflineModeIsEnabled
 from PIL import Image
 from refusals import refuses
 
-from scm_distill import cli
+from scm_distill import cli_read
 from scm_distill.cli import main
 from scm_distill.config import resolve
 from scm_distill.errors import UserError
@@ -35,18 +35,18 @@ def test_a_bug_keeps_its_traceback_and_a_user_error_is_one_line(capsys, monkeypa
             raise error
         return run
 
-    monkeypatch.setattr(cli, "run_sample", raising(ValueError("an internal invariant broke")))
+    monkeypatch.setattr(cli_read, "run_sample", raising(ValueError("an internal invariant broke")))
     assert main(["sample", "--model", "m"]) == 2  # a plain ValueError is a bug, not the user's input
     err = capsys.readouterr().err
     assert "Traceback" in err and "an internal invariant broke" in err and "this is a bug" in err
-    monkeypatch.setattr(cli, "run_sample", raising(UserError("the model 'm' is wrong\nin two lines.")))
+    monkeypatch.setattr(cli_read, "run_sample", raising(UserError("the model 'm' is wrong\nin two lines.")))
     assert main(["sample", "--model", "m"]) == 1
     assert capsys.readouterr().err == "scm-distill sample: error: the model 'm' is wrong\\nin two lines.\n"
     with pytest.raises(UserError):  # --debug shows the traceback of any error, before or after the command
         main(["--debug", "sample", "--model", "m"])
     with pytest.raises(UserError):
         main(["sample", "--model", "m", "--debug"])
-    monkeypatch.setattr(cli, "run_sample", raising(KeyboardInterrupt()))
+    monkeypatch.setattr(cli_read, "run_sample", raising(KeyboardInterrupt()))
     assert main(["sample", "--model", "m"]) == 130 and "interrupted" in capsys.readouterr().err
 
 
