@@ -44,8 +44,6 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
-
-
 def add_distill(sub, parents: list) -> None:
     p = sub.add_parser("distill", parents=parents,
                        help="distill a teacher pipeline and export a two-step pipeline",

@@ -16,6 +16,14 @@ TRUST_HELP = ("run Python code shipped in a pipeline folder (an export's own pip
               "only for folders you trust")
 
 
+def add_reading_options(p) -> None:
+    """The options of every command that loads an export: a module export's network, and trust in shipped code."""
+    p.add_argument("--network", metavar="FILE.py:NAME",
+                   help="module exports: the class (or function) of FILE.py that makes your network, called "
+                        "without arguments (needs --trust-remote-code)")  # fmt: skip
+    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
+
+
 def add_sample(sub, parents: list) -> None:
     p = sub.add_parser("sample", parents=parents,
                        help="draw samples from an exported pipeline",
@@ -29,12 +37,8 @@ def add_sample(sub, parents: list) -> None:
     p.add_argument("--prompts", help="text file of prompts, one per line (text-to-image exports)")
     p.add_argument("--output", default="samples.png", help="image file of the grid; its suffix (.png, .jpg, .jpeg, "
                                                            ".webp) picks the format")
-    p.add_argument("--network", metavar="FILE.py:NAME",
-                   help="module exports: the class (or function) of FILE.py that makes your network, called "
-                        "without arguments (needs --trust-remote-code)")  # fmt: skip
-    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
+    add_reading_options(p)
     p.set_defaults(run=run_sample)
-
 
 
 def run_sample(args) -> int:
@@ -54,10 +58,8 @@ def run_sample(args) -> int:
     return 0
 
 
-
 CHECKPOINT_HELP = ("with --model RUN: the run's checkpoint to use, STEP, latest or best (default: the run's "
                    "pipeline/ export, else latest)")
-
 
 
 @contextlib.contextmanager
@@ -82,7 +84,6 @@ def model_folder(args):
                                 trust_remote_code=args.trust_remote_code)  # fmt: skip
 
 
-
 def check_png_output(path: Path) -> None:
     """`sample --output` names a new or existing .png / .jpg / .jpeg / .webp file whose folder can be written."""
     from .files import check_writable_file
@@ -93,14 +94,12 @@ def check_png_output(path: Path) -> None:
         raise UserError(f"--output '{path}' must name a .png, .jpg, .jpeg or .webp file.")
 
 
-
 def prompts_from(args) -> tuple[str, ...] | None:
     """--prompt TEXT (repeatable) and/or --prompts FILE, in that order; None when neither is given."""
     from .export.call import read_prompts
 
     prompts = tuple(getattr(args, "prompt", None) or ()) + (read_prompts(args.prompts) if args.prompts else ())
     return prompts or None
-
 
 
 def int_list(text: str) -> tuple[int, ...]:
@@ -111,7 +110,6 @@ def int_list(text: str) -> tuple[int, ...]:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers, got '{text}'")
     return values
-
 
 
 def add_evaluate(sub, parents: list) -> None:
@@ -144,13 +142,9 @@ def add_evaluate(sub, parents: list) -> None:
                    help="also classify the samples with the shipped Fashion-MNIST classifier: class-conditional "
                         "exports get labels 0..9 in order, text exports need --prompts with the 10 class captions "
                         "in class order; metrics.json records each sampler's accuracy")  # fmt: skip
-    p.add_argument("--network", metavar="FILE.py:NAME",
-                   help="module exports: the class (or function) of FILE.py that makes your network, called "
-                        "without arguments (needs --trust-remote-code)")  # fmt: skip
     p.add_argument("--output", required=True, help="folder for metrics.json, report.md, curve.png and grids")
-    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
+    add_reading_options(p)
     p.set_defaults(run=run_evaluate)
-
 
 
 def run_evaluate(args) -> int:
@@ -171,7 +165,6 @@ def run_evaluate(args) -> int:
     return 0
 
 
-
 def add_bench(sub, parents: list) -> None:
     p = sub.add_parser("bench", parents=parents,
                        help="sampling speed and training cost, teacher vs student, in one run",
@@ -182,13 +175,9 @@ def add_bench(sub, parents: list) -> None:
     p.add_argument("--teacher-steps", type=int, default=100, help="steps of the teacher's sampler")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per measurement (the median is reported)")
     p.add_argument("--no-scaling", action="store_true", help="skip the resolution/width scaling table")
-    p.add_argument("--network", metavar="FILE.py:NAME",
-                   help="module exports: the class (or function) of FILE.py that makes your network, called "
-                        "without arguments (needs --trust-remote-code)")  # fmt: skip
     p.add_argument("--output", required=True, help="folder for bench.json, report.md and the plots")
-    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
+    add_reading_options(p)
     p.set_defaults(run=run_bench)
-
 
 
 def run_bench(args) -> int:
@@ -211,7 +200,6 @@ def run_bench(args) -> int:
     if "note" in results:
         print(results["note"])
     return 0
-
 
 
 def spread_text(timings) -> str:

@@ -36,7 +36,6 @@ class RunState:
     degraded: bool = False  # the last measurement was over the monitor's degradation rule (warned once)
 
 
-
 def run_state(saved: dict, checkpoint: Path) -> RunState:
     """The counters of a checkpoint's state.json (monitor fields default: checkpoints from before the monitor)."""
     fields = RunState.__dataclass_fields__
@@ -47,7 +46,6 @@ def run_state(saved: dict, checkpoint: Path) -> RunState:
     return RunState(**{k: saved[k] for k in fields if k in saved})
 
 
-
 def read_resume_checkpoint(run_dir: Path, resume: str) -> tuple[Path, tuple]:
     """`latest` -> the newest checkpoint of the run that reads back; otherwise the checkpoint folder named."""
     if resume == "latest":
@@ -56,7 +54,6 @@ def read_resume_checkpoint(run_dir: Path, resume: str) -> tuple[Path, tuple]:
     if not (path / "state.json").is_file():
         raise UserError(f"--resume '{resume}' is not a checkpoint folder (no state.json).")
     return path, load_checkpoint(path)
-
 
 
 def restore(checkpoint: Path, contents: tuple, student: Student, ema: EMA, optimizer: torch.optim.Optimizer,
@@ -75,12 +72,10 @@ def restore(checkpoint: Path, contents: tuple, student: Student, ema: EMA, optim
     return run_state(state, checkpoint)
 
 
-
 def check_stop_step(checkpoint: Path, state: RunState, total: int) -> None:
     if state.step > total:
         raise UserError(f"checkpoint '{checkpoint}' is at step {state.step}, beyond the {total} steps this run is set "
                         f"to (conversion + train.max_steps); pass a larger --max-steps.")  # fmt: skip
-
 
 
 def resume_from(run_dir: Path, resume: str, storage: str, world: int, accum: int, student: Student, ema: EMA,
@@ -104,13 +99,11 @@ def resume_from(run_dir: Path, resume: str, storage: str, world: int, accum: int
     return checkpoint, contents[3]
 
 
-
 def newest_checkpoint(run_dir: Path) -> Path:
     checkpoints = list_checkpoints(run_dir)
     if not checkpoints:
         raise UserError(f"there is no checkpoint to resume in '{run_dir}'.")
     return checkpoints[-1]
-
 
 
 def truncate_log(path: Path, step: int) -> None:

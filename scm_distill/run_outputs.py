@@ -60,7 +60,6 @@ class SampleGrids:
         return paired_distance(images01(two_step), images01(self.teacher_row))
 
 
-
 def sampler_info(config: DistillConfig, student: Student, **facts) -> ExportInfo:
     """The student's sampler as the export takes it: requested times, sigma_d, prediction, and the card's facts."""
     t_max, t_mid = sampling_times(config.sampling, student.model)
@@ -69,13 +68,11 @@ def sampler_info(config: DistillConfig, student: Student, **facts) -> ExportInfo
                       base_model=base, **facts)  # fmt: skip
 
 
-
 def ema_samples(config: DistillConfig, teacher: Teacher, ema: Student) -> torch.Tensor:
     """Two 2-step images of the EMA student's pipeline, [0, 1] floats (checked finite before the export)."""
     generator = torch.Generator().manual_seed(config.train.seed)
     return teacher.student_float_images(ema.network, sampler_info(config, ema), teacher.sample_inputs(2, generator),
                                         2, torch.Generator().manual_seed(config.train.seed))  # fmt: skip
-
 
 
 def export_student(config: DistillConfig, teacher: Teacher, student: Student, export_dir: Path, run_dir: Path,
@@ -105,7 +102,6 @@ def export_student(config: DistillConfig, teacher: Teacher, student: Student, ex
     info = sampler_info(config, student, license=teacher_license(teacher), card_facts=facts,
                         sample_grid=grids[-1] if grids else None)  # fmt: skip
     return export_pipeline(teacher, student.network, export_dir, info)
-
 
 
 def learning_rate_text(config: DistillConfig, global_batch: int) -> str:
