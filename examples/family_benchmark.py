@@ -45,7 +45,7 @@ from train_family_teacher import main as train_teacher  # noqa: E402
 
 from scm_distill.grids import labelled_rows, save_png  # noqa: E402
 
-FAMILIES = tuple(LATENT_FAMILIES)  # sd, sdxl, dit, sd3, flux, sana, edm (the module row: examples/module_benchmark)
+FAMILIES = (*LATENT_FAMILIES, "module")  # sd, sdxl, dit, sd3, flux, sana, edm; module: examples/module_benchmark.py
 SIZES = {  # per size: training images of the run, evaluation samples, timing repeats, run overrides
     "cpu": {"data_items": 20000, "num_samples": 1000, "repeats": 3, "teacher": [], "distill": []},
     "toy": {"data_items": 64, "num_samples": 20, "repeats": 1, "teacher": ["--max-items", "64"],
@@ -158,10 +158,16 @@ def cli(*args: str) -> None:
         fail(f"`scm-distill {args[0]}` exited with status {done.returncode} (its message is above).")
 
 
+def teacher_minutes(facts: dict) -> float:
+    """Minutes a reused teacher took: its training and its checks (teacher_info.json)."""
+    checks = [facts.get(key) or {} for key in ("check", "check_toolkit")]
+    return round(facts.get("train_minutes", 0.0) + sum(c.get("check_minutes", 0.0) for c in checks), 2)
+
+
 def teacher_folder(args: argparse.Namespace, family: str, root: Path, out: Path, size: dict) -> tuple[Path, float]:
-    """(teacher folder, its training minutes): --teacher, or trained on the shared VAE (trained first if missing)."""
+    """(teacher folder, its minutes): --teacher, or trained on the shared VAE (trained first if missing)."""
     if args.teacher is not None:
-        return args.teacher, teacher_facts(args.teacher).get("train_minutes", 0.0)
+        return args.teacher, teacher_minutes(teacher_facts(args.teacher))
     kind = LATENT_FAMILIES[family].vae_kind
     vae = root / f"vae-{kind}"
     started = time.time()
@@ -320,7 +326,7 @@ def plain_diffusers(family: str, export: Path, out: Path) -> dict:
 def summary(family: str, size: str, report: dict) -> dict:
     """The committed file (examples/results/family-F-cpu.json): the keys issue 12 names, and the timing."""
     results = report.get("metrics", {}).get("results", {})
-    default = f"teacher@{LATENT_FAMILIES[family].default_steps}"
+    default = f"teacher@{report['teacher']['default_steps']}"
     names = {"teacher_default": default, "teacher_2": "teacher@2", "student_1": "student@1", "student_2": "student@2"}
     return {"family": family, "size": size,
             "fd": {k: results[v]["fid"] for k, v in names.items() if v in results},
@@ -368,11 +374,19 @@ def run_family(args: argparse.Namespace, family: str, root: Path, reference: Pat
     out.mkdir(parents=True)
 
     def done(stage: str, minutes_from: float) -> float:
+        if stage != "teacher":  # the teacher stage's minutes are its training time
+            report["minutes"][stage] = round((time.time() - minutes_from) / 60, 2)
         report["stages_done"].append(stage)
-        report["minutes"][stage] = round((time.time() - minutes_from) / 60, 2)
         report["minutes"]["total"] = round(sum(v for k, v in report["minutes"].items() if k != "total"), 2)
         write_reports(out, family, args.size, report)
         return time.time()
+
+    if family == "module":
+        from module_benchmark import run_module
+
+        run_module(args, root, size, report, done, train_teacher, teacher_minutes)
+        print((out / "results.md").read_text())
+        return report
 
     teacher, report["minutes"]["teacher"] = teacher_folder(args, family, root, out, size)
     facts = teacher_facts(teacher)

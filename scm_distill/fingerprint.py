@@ -107,11 +107,16 @@ def module_fingerprint(state: dict[str, torch.Tensor], with_content: bool) -> st
 
 
 def teacher_fingerprint(teacher) -> str:
-    """A pipeline teacher by its folder; a teacher built in Python (family "module") by its network."""
+    """A pipeline teacher by its folder; a teacher built in Python (family "module") by its network and what its user
+    stated about it (ModuleTeacher.stated: schedule, time input, data range, classes and guidance scale)."""
     folder = getattr(teacher, "folder", None)
     if teacher.family != "module" and folder is not None and (Path(folder) / "model_index.json").is_file():
         return folder_fingerprint(Path(folder))
-    return module_fingerprint(teacher.model.network.state_dict(), with_content=True)
+    weights = module_fingerprint(teacher.model.network.state_dict(), with_content=True)
+    stated = getattr(teacher, "stated", None)
+    if stated is None:
+        return weights
+    return "sha256:" + hashlib.sha256((weights + json.dumps(stated, sort_keys=True)).encode()).hexdigest()
 
 
 def run_fingerprint(config: DistillConfig, teacher, student: torch.nn.Module) -> dict:

@@ -1,6 +1,6 @@
-"""examples/family_benchmark.py at toy size end to end for a latent (sd) and a flow (sd3) family in one benchmark
-folder (the second reuses the first's VAE, data and reference), and its refusals: an unknown family, a reused
-teacher of another family or size, missing Fashion-MNIST - one sentence, exit 1, nothing written."""
+"""examples/family_benchmark.py at toy size end to end for a latent (sd) and a flow (sd3) family and the module row
+in one benchmark folder (the second reuses the first's VAE, data and reference), and its refusals: an unknown
+family, a reused teacher of another family or size, missing Fashion-MNIST - one sentence, exit 1, nothing written."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def bench(tmp_path_factory):
     if not fashion_installed():
         pytest.skip("Fashion-MNIST is not installed (Debian package dataset-fashion-mnist)")
     root = tmp_path_factory.mktemp("bench") / "out"
-    for family in ("sd", "sd3"):
+    for family in ("sd", "sd3", "module"):
         main(["--family", family, "--size", "toy", "--output", str(root)])
     return root
 
@@ -55,9 +55,22 @@ def test_toy_benchmark_writes_every_number_the_issue_names(bench, family):
         assert (bench / family / name).is_file()
 
 
+def test_toy_module_row_distills_through_the_public_api_and_reloads_in_a_fresh_process(bench):
+    summary = json.loads((bench / "module" / "family-module-toy.json").read_text())
+    assert set(summary["fd"]) == SAMPLERS and all(v > 0 for v in summary["fd"].values())
+    assert set(summary["accuracy"]) == SAMPLERS and all(0 <= v <= 1 for v in summary["accuracy"].values())
+    assert summary["stages_done"] == ["teacher", "distill", "evaluate", "timing", "grid", "plain_diffusers"]
+    fresh = summary["plain_diffusers"]["fresh_process"]
+    assert fresh["loaded"] and fresh["same"] and fresh["samples"] == 10, fresh
+    reading = json.loads((bench / "module" / "run" / "pipeline" / "scm_reading.json").read_text())
+    assert reading["classes"] == {"num_classes": 10, "null_class": 10, "guidance_scale": 2.0}
+    assert reading["time_scale"] == 1e-3 and reading["data_range"] == [-0.5, 0.5] and reading["sigma_data"] == 0.25
+    assert (bench / "module" / "class_grid.png").is_file()
+
+
 def test_families_of_one_folder_share_the_vae_data_and_reference(bench):
-    assert sorted(p.name for p in bench.iterdir() if p.is_dir()) == ["reference", "sd", "sd3", "train-captions-64",
-                                                                    "vae-kl"]  # fmt: skip
+    assert sorted(p.name for p in bench.iterdir() if p.is_dir()) == ["module", "reference", "sd", "sd3",
+                                                                    "train-captions-64", "vae-kl"]  # fmt: skip
     info = json.loads((bench / "sd3" / "teacher" / "teacher_info.json").read_text())
     assert info["vae"] == str(bench / "vae-kl")
 
@@ -72,7 +85,7 @@ def refused(argv: list[str], capsys) -> str:
 
 def test_unknown_family_lists_the_known_ones(tmp_path, capsys):
     message = refused(["--family", "sd4", "--size", "toy", "--output", str(tmp_path / "out")], capsys)
-    assert "unknown family 'sd4'" in message and "sd, sdxl, dit, sd3, flux, sana, edm" in message
+    assert "unknown family 'sd4'" in message and "sd, sdxl, dit, sd3, flux, sana, edm, module" in message
     assert not (tmp_path / "out").exists()
 
 

@@ -70,8 +70,11 @@ def test_the_public_module_teacher_reads_the_network_in_its_own_frame(teachers):
     """ModuleTeacher(data_range, time_scale 1 / T) of the folder: [-1, 1] images arrive as the network's
     [-0.5, 0.5], sigma_d is a quarter of that width, and the network gets t = i / T."""
     teacher = load_module_teacher(teachers / "module")
-    x0, _ = teacher.prepare_batch({"image": torch.ones(1, 1, 32, 32)}, torch.Generator())
+    x0, condition = teacher.prepare_batch({"image": torch.ones(1, 1, 32, 32), "label": torch.tensor([3])},
+                                          torch.Generator())  # fmt: skip
     assert x0.max().item() == 0.5 and teacher.model.sigma_d == 0.25
+    assert condition["class_labels"].tolist() == [3] and condition["uncond"]["class_labels"].tolist() == [10]
+    assert condition["guidance_scale"].tolist() == [2.0]  # the default sampler's CFG scale, from module.json
     x, tau = torch.randn(2, 1, 32, 32), torch.tensor([40.0, 900.0])
     assert torch.allclose(teacher.model.network_call(teacher.network, x, tau, {}), teacher.network(x, tau / 1000))
 

@@ -31,3 +31,23 @@ class UserNet(nn.Module):
         h = torch.nn.functional.silu(self.inp(x) + self.time_in(features)[:, :, None, None])
         return self.out(h)
 
+
+
+class ClassNet(UserNet):
+    """UserNet, class-conditional: forward(x, t, class_labels [B] or None) with labels 0..9 and 10 (also None) as
+    the unconditional branch, each label adding its own learned bias to the features."""
+
+    NUM_CLASSES = 10
+
+    def __init__(self, width: int = 8, seed: int = 0):
+        super().__init__(width, seed)
+        self.label = nn.Embedding(self.NUM_CLASSES + 1, width)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        if class_labels is None:
+            class_labels = torch.full((x.shape[0],), self.NUM_CLASSES, dtype=torch.long, device=x.device)
+        t = torch.as_tensor(t, dtype=torch.float32, device=x.device).expand(x.shape[0])
+        angles = 1000.0 * t[:, None] * STEP_FREQUENCIES.to(x.device)[None]
+        features = torch.cat([torch.cos(angles), torch.sin(angles)], dim=1).to(x.dtype)
+        e = self.time_in(features) + self.label(class_labels)
+        return self.out(torch.nn.functional.silu(self.inp(x) + e[:, :, None, None]))

@@ -27,18 +27,19 @@ GRID_COLUMNS = 10  # samples per class in the check's grid (one row per class)
 SUBSET_SIZES = (500, 1000)  # FD also reported on the first samples (comparisons at a smaller n)
 
 
-def reference_images() -> torch.Tensor:
-    """The 10,000 test images, uint8 [N, 1, 32, 32]."""
-    return fashion_split("test").images
+def reference_images(max_items: int | None = None) -> torch.Tensor:
+    """The 10,000 test images (or `max_items` of them, evenly spaced: toy runs), uint8 [N, 1, 32, 32]."""
+    return fashion_split("test", max_items).images
 
 
-def frechet_distance(samples: torch.Tensor, cache_dir: Path) -> float:
+def frechet_distance(samples: torch.Tensor, cache_dir: Path, reference_items: int | None = None) -> float:
     """FD of uint8 samples [N, C, 32, 32] to the test images (reference features cached in cache_dir)."""
-    reference = reference_images()
+    reference = reference_images(reference_items)
     if samples.shape[1] == 3:
         reference = reference.expand(-1, 3, -1, -1).contiguous()
+    key = REFERENCE_KEY if reference_items is None else f"{REFERENCE_KEY}-{reference_items}"
     result = compute_metrics(samples, reference, feature_extractor=EFFICIENTNET_LITE0, kid=False, prc=False,
-                             cache_dir=str(cache_dir), reference_cache_key=REFERENCE_KEY)  # fmt: skip
+                             cache_dir=str(cache_dir), reference_cache_key=key)  # fmt: skip
     return result["fid"]
 
 
@@ -69,18 +70,22 @@ def pipeline_sampler(pipe, call_inputs: Callable[[list[int]], dict], steps: int)
     return sample
 
 
-def check(sample_fn: Callable, n: int, batch_size: int, cache_dir: Path, grid: Path | None, facts: dict) -> dict:
+def check(sample_fn: Callable, n: int, batch_size: int, cache_dir: Path, grid: Path | None, facts: dict,
+          reference_items: int | None = None) -> dict:  # fmt: skip
     """FD and class accuracy of n samples; `facts` (steps, guidance scale, sampler) are recorded with them."""
     started, cpu = time.time(), cpu_minutes()
     images, labels = generate(sample_fn, n, batch_size)
     sample_minutes = (time.time() - started) / 60
     # FD of the first 500 / 1,000 too (balanced classes as well): its small-sample bias is large (real training
     # images against the test set: 9.7 at 1,000 and 5.0 at 2,000), so compare numbers at equal n only
-    subsets = {f"fd_{m}": round(frechet_distance(images[:m], cache_dir), 3) for m in SUBSET_SIZES if m < n}
-    result = {**facts, "num_samples": n, "fd": round(frechet_distance(images, cache_dir), 3), **subsets,
+    subsets = {f"fd_{m}": round(frechet_distance(images[:m], cache_dir, reference_items), 3)
+               for m in SUBSET_SIZES if m < n}  # fmt: skip
+    fd = round(frechet_distance(images, cache_dir, reference_items), 3)
+    result = {**facts, "num_samples": n, "fd": fd, **subsets,
               "accuracy": round(class_accuracy(images, labels), 4),
               "accuracy_per_class": [round(a, 3) for a in per_class_accuracy(images, labels)],
-              "feature_extractor": EFFICIENTNET_LITE0, "reference": "fashion-mnist test split (10,000), pad 32",
+              "feature_extractor": EFFICIENTNET_LITE0,
+              "reference": f"fashion-mnist test split ({reference_items or 10000:,}), pad 32",
               "sample_minutes": round(sample_minutes, 2), "check_minutes": round((time.time() - started) / 60, 2),
               "check_cpu_minutes": round(cpu_minutes() - cpu, 2)}  # fmt: skip
     if grid is not None:

@@ -182,12 +182,14 @@ def time_features(net) -> TimeFeatures:
 def load_module_teacher(folder: Path, sigma_d: float | None = None):
     """The public ModuleTeacher (scm_distill.families.module) of a module folder, stating what its JSON says:
     eps, the alphas_cumprod schedule, time input t = i / T (time_scale 1 / T), data range [-0.5, 0.5] (sigma_d by
-    default a quarter of its width), and where the time features are (for the time-embedding low-pass).
-    Unconditional: ModuleTeacher feeds no condition, so the network takes its null class."""
+    default a quarter of its width), where the time features are (for the time-embedding low-pass), and its
+    classes: labels 0..9 as `class_labels`, CFG against the null class at the default sampler's scale."""
     from scm_distill.families.module import ModuleTeacher
 
     net, spec = load_module(folder)
     ac = torch.tensor(spec["schedule"]["alphas_cumprod"], dtype=torch.float64)
     return ModuleTeacher(net, prediction=spec["prediction"], sample_shape=tuple(spec["sample_shape"]),
                          alphas_cumprod=ac, data_range=tuple(spec["data_range"]), sigma_d=sigma_d,
-                         time_scale=1.0 / T, time_features=time_features(net), name=str(folder))  # fmt: skip
+                         time_scale=1.0 / T, time_features=time_features(net), name=str(folder),
+                         num_classes=NUM_CLASSES, null_class=spec["conditioning"]["null_class"],
+                         guidance_scale=spec["default_sampler"]["guidance_scale"])  # fmt: skip

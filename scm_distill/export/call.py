@@ -4,7 +4,8 @@
 export is called, `pipe(<inputs>, num_inference_steps=n, generator=...)`, reading how the pipeline takes inputs
 from its `__call__` signature:
 - unconditional (`batch_size=`): UNet2D students and DDPM/DDIM teachers;
-- class-conditional (`class_labels=`): DiT; labels are drawn uniformly from the seed;
+- class-conditional (`class_labels=`): DiT and students of class-conditional networks of your own; labels are drawn
+  uniformly from the seed;
 - text-to-image (`prompt=`): SD, SDXL, SD3, Flux, Sana; prompts are required and used in order, cycling.
 An export's description (contract.py) adds what its call needs besides the inputs (the size, where the pipeline's
 default is not the distilled one) and its distilled guidance scale.
@@ -30,7 +31,10 @@ Conditioning = Literal["unconditional", "class", "text"]
 
 
 def conditioning_of(pipe) -> Conditioning:
-    """What a pipeline's call takes, from its signature."""
+    """What a pipeline's call takes: its own `conditioning` (ModulePipeline, whose call takes either), else read from
+    its signature."""
+    if isinstance(getattr(pipe, "conditioning", None), str):
+        return pipe.conditioning
     parameters = inspect.signature(pipe.__call__).parameters
     for name, kind in (("batch_size", "unconditional"), ("class_labels", "class"), ("prompt", "text")):
         if name in parameters:
@@ -128,10 +132,16 @@ class PipelineSampler:
         if self.conditioning == "unconditional":
             return {"batch_size": n}
         if self.conditioning == "class":
-            classes = self.pipe.transformer.config.num_embeds_ada_norm
-            labels = torch.randint(0, classes, (n,), generator=torch.Generator().manual_seed(seed))
+            labels = torch.randint(0, self.num_classes, (n,), generator=torch.Generator().manual_seed(seed))
             return {"class_labels": labels.tolist()}
         return {"prompt": [self.prompts[(start + i) % len(self.prompts)] for i in range(n)]}
+
+    @property
+    def num_classes(self) -> int:
+        """Labels 0..num_classes-1 of a class-conditional export: its description's, else DiT's label table."""
+        if self.description is not None and self.description.num_classes:
+            return self.description.num_classes
+        return self.pipe.transformer.config.num_embeds_ada_norm
 
     def __call__(self, n: int, steps: int, seed: int = 0, start: int = 0) -> torch.Tensor:
         generator = torch.Generator(self.pipe.device).manual_seed(seed)
