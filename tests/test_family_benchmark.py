@@ -137,3 +137,21 @@ def test_evaluate_reads_the_teacher_at_the_exports_size_not_the_pipelines_defaul
     condition = teacher.condition_for({"prompt": ["a"]})
     assert torch.allclose(teacher.model.F(x, t, condition), again.model.F(x, t, condition))
     assert expected != dynamic_shift(teacher.scheduler_config, teacher.image_tokens(128, 128))
+
+
+def test_the_table_checks_each_bar_at_its_edge():
+    """examples/family_table.py's bars: 2.0x the teacher's FD at its default steps, 0.5x its 2-step FD, 5 points
+    of accuracy, the same samples without scm_distill, 60 minutes - met at the edge, missed just past it."""
+    from family_table import bars, row
+
+    def summary(student_fd: float, student_accuracy: float, minutes: float) -> dict:
+        return {"family": "sd", "fd": {"teacher_default": 10.0, "teacher_2": 40.0, "student_2": student_fd,
+                                       "student_1": 50.0},
+                "accuracy": {"teacher_default": 0.80, "student_2": student_accuracy},
+                "plain_diffusers": {"loaded": True, "same": True}, "minutes": {"total": minutes},
+                "teacher": {"parameters": {"denoiser": 3_300_000}, "default_steps": 50}}  # fmt: skip
+
+    assert all(bars(summary(20.0, 0.76, 60.0)).values())  # 2.0 x 10 = 0.5 x 40 = 20
+    missed = bars(summary(20.01, 0.7499, 60.1))
+    assert list(missed.values()) == [False, False, False, True, False]  # the samples bar still holds
+    assert "misses: fd <= 2.0x teacher@default; fd <= 0.5x teacher@2" in row(summary(20.01, 0.76, 10.0))
