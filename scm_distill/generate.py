@@ -41,9 +41,11 @@ def consistency_samples(model: NativeModel, shape: tuple[int, ...], num_steps: i
 
 @torch.no_grad()
 def teacher_samples(model: NativeModel, shape: tuple[int, ...], num_steps: int, generator,
-                    condition: Condition | None = None, device=None) -> Tensor:  # fmt: skip
-    """x0 samples of the teacher with its own DDIM sampler on its native time grid."""
+                    condition: Condition | None = None, device=None,
+                    t_start: float | None = None) -> Tensor:  # fmt: skip
+    """x0 samples of the teacher with its own DDIM sampler on its native time grid (from t_start when given: the
+    student sampler's requested first time, so that both map the same x_T = sigma_d z)."""
     randn = randn_from(generator)
     z = model.sigma_d * randn(torch.empty(shape, device=device))
-    times = model.process.time_grid(num_steps)
+    times = model.process.time_grid(num_steps, t_start)
     return sample_ddim(lambda x, t: model.F(x, t, condition), z, times, model.sigma_d)

@@ -27,7 +27,8 @@ class Process(Protocol):
 
     def network_time(self, t: Tensor) -> Tensor: ...
 
-    def time_grid(self, num_steps: int) -> list[float]: ...
+    def time_grid(self, num_steps: int, t_start: float | None = None) -> list[float]: ...  # from t_start when
+    # given (and below t_max), else from t_max
 
 
 def _interp_index(value: Tensor, table: Tensor) -> Tensor:
@@ -72,11 +73,15 @@ class VPProcess(torch.nn.Module):
         log_sigma = torch.lerp(self.log_sigma_edm[lo], self.log_sigma_edm[lo + 1], (i - lo).double())
         return torch.atan(torch.exp(log_sigma) / self.sigma_d)
 
-    # "trailing" spacing: the first step starts at the last training timestep (DDIM with few steps needs it).
-    def time_grid(self, num_steps: int) -> list[float]:
+    # "trailing" spacing: the first step starts at the last training timestep (DDIM with few steps needs it); from
+    # t_start, the same spacing over the timesteps [0, tau(t_start)] (fractional: the network time is continuous).
+    def time_grid(self, num_steps: int, t_start: float | None = None) -> list[float]:
         T = self.num_train_timesteps
-        tau = torch.round(torch.arange(T, 0, -T / num_steps, dtype=torch.float64)) - 1
-        return self.t_at(tau).tolist()
+        if t_start is None or t_start >= self.t_max:
+            tau = torch.round(torch.arange(T, 0, -T / num_steps, dtype=torch.float64)) - 1
+            return self.t_at(tau).tolist()
+        start = self.network_time(torch.tensor(t_start, dtype=torch.float64)).item() + 1
+        return self.t_at(start * (1 - torch.arange(num_steps, dtype=torch.float64) / num_steps) - 1).tolist()
 
 
 def clamp_time(t: Tensor, process: Process) -> Tensor:
@@ -121,9 +126,11 @@ class SigmaProcess(torch.nn.Module):
             return _interp_index(log_sigma, self.log_sigmas.to(t.dtype))
         return torch.exp(log_sigma) if self.time_input == "sigma" else log_sigma / 4
 
-    # EDM's rho = 7 grid between the table's ends.
-    def time_grid(self, num_steps: int) -> list[float]:
+    # EDM's rho = 7 grid between the table's ends (from t_start's sigma when lower).
+    def time_grid(self, num_steps: int, t_start: float | None = None) -> list[float]:
         lo, hi = math.exp(self.log_sigmas[0].item()), math.exp(self.log_sigmas[-1].item())
+        if t_start is not None and t_start < self.t_max:
+            hi = self.sigma_d * math.tan(t_start)
         return torch.atan(karras_sigmas(lo, hi, num_steps) / self.sigma_d).tolist()
 
 
@@ -154,7 +161,12 @@ class FlowProcess(torch.nn.Module):
     def t_at(self, s: Tensor) -> Tensor:
         return t_from_flow_time(s, self.sigma_d)
 
-    # The flow pipelines' grid: u evenly from 1 to 1/n, shifted s = shift u / (1 + (shift - 1) u).
-    def time_grid(self, num_steps: int) -> list[float]:
-        u = torch.linspace(1, 1 / num_steps, num_steps, dtype=torch.float64)
+    # The flow pipelines' grid: u evenly from 1 to 1/n, shifted s = shift u / (1 + (shift - 1) u); from t_start, u
+    # evenly from the unshifted u_0 of s(t_start) (u = s / (shift - (shift - 1) s)) to u_0 / n.
+    def time_grid(self, num_steps: int, t_start: float | None = None) -> list[float]:
+        u0 = 1.0
+        if t_start is not None and t_start < self.t_max:
+            s0 = self.flow_time(torch.tensor(t_start, dtype=torch.float64)).item()
+            u0 = s0 / (self.shift - (self.shift - 1) * s0)
+        u = torch.linspace(u0, u0 / num_steps, num_steps, dtype=torch.float64)
         return self.t_at(self.shift * u / (1 + (self.shift - 1) * u)).tolist()

@@ -41,14 +41,14 @@ class SampleGrids:
         row (monitor.py). With sharded models every process samples (collective), one saves."""
         steps_teacher = self.config.sampling.teacher_steps
         evaluations = (steps_teacher if self.teacher_row is None else 0) + 3  # the teacher's row once, 2 + 1 steps
+        info = sampler_info(self.config, student)
         with progress_bar(evaluations, "sampling grid", unit="NFE", disable=not save) as shown:
-            if self.teacher_row is None:
+            if self.teacher_row is None:  # from the student's first time: both rows map the same x_T (monitor.py)
                 x0 = teacher_samples(Ticking(self.teacher.model, shown), (self.n, *self.teacher.sample_shape),
                                      steps_teacher, self._generator(), self.teacher.condition_for(self.inputs),
-                                     self.device)  # fmt: skip
+                                     self.device, t_start=info.t_max)  # fmt: skip
                 self.teacher_row = to_uint8(self.teacher.decode(x0))
             rows = {f"teacher, {steps_teacher} steps": self.teacher_row}
-            info = sampler_info(self.config, student)
             for steps in (2, 1):
                 rows[f"student (EMA), {steps} step{'s' * (steps > 1)}"] = self.teacher.student_images(
                     student.network, info, self.inputs, steps, self._generator())

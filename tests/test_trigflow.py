@@ -127,3 +127,22 @@ def test_vp_process_interpolates_its_discrete_schedule():
 def test_vp_process_rejects_a_non_decreasing_schedule():
     with pytest.raises(ValueError, match="strictly decreasing"):
         VPProcess(torch.tensor([0.9, 0.9, 0.5]), SIGMA_D)
+
+
+def test_teacher_grids_start_where_they_are_told_and_only_below_the_trained_range():
+    """time_grid(n, t_start): the first time is t_start (the student's first time, so the grid's paired rows map
+    the same x_T); at or above t_max it is the default grid. On the cosine schedule the default grid starts where
+    alpha is 5e-5 (sigma 20,291: its last beta is capped at 0.999), which a DDIM step from eps cannot read."""
+    from diffusers import DDPMScheduler
+
+    from scm_distill.processes import FlowProcess, SigmaProcess
+
+    cosine = VPProcess(DDPMScheduler(beta_schedule="squaredcos_cap_v2").alphas_cumprod, SIGMA_D)
+    t_start = math.atan(10.0 / SIGMA_D)
+    sigma_sigmas = torch.exp(torch.linspace(math.log(0.002), math.log(80.0), 100, dtype=torch.float64))
+    for process in (cosine, SigmaProcess(sigma_sigmas, SIGMA_D, "sigma"), FlowProcess(SIGMA_D, shift=3.0)):
+        grid = process.time_grid(4, t_start)
+        assert grid[0] == pytest.approx(t_start, abs=1e-9) and len(grid) == 4
+        assert all(a > b for a, b in zip(grid, grid[1:], strict=False)) and grid[-1] > process.t_min
+        assert process.time_grid(4, process.t_max) == process.time_grid(4)  # the default at the top of the range
+    assert math.tan(cosine.time_grid(4)[0]) * SIGMA_D == pytest.approx(20291.3, rel=1e-3)
