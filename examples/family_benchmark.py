@@ -40,6 +40,7 @@ sys.path.insert(0, str(HERE))
 
 from family_teachers.data import CAPTIONS, MissingDataError, fashion_split  # noqa: E402
 from family_teachers.latent_teacher import LATENT_FAMILIES  # noqa: E402
+from family_teachers.timing import median_ms  # noqa: E402
 from family_teachers.training import machine  # noqa: E402
 from train_family_teacher import main as train_teacher  # noqa: E402
 
@@ -51,6 +52,7 @@ SIZES = {  # per size: training images of the run, evaluation samples, timing re
     "toy": {"data_items": 64, "num_samples": 20, "repeats": 1, "teacher": ["--max-items", "64"],
             "distill": ["--max-steps", "2", "--batch-size", "4", "--set", "train.convert_steps=1",
                         "--set", "train.sample_every=0", "--set", "train.checkpoint_every=0",
+                        "--set", "export.checkpoint=last",
                         "--set", "data.sigma_data_images=16", "--set", "guidance.embedding_dim=32"]},
 }  # fmt: skip
 # cpu: 20,000 of the 60,000 training images (evenly spaced, every class) - more than the 32,000 a 2,000-step run at
@@ -215,25 +217,8 @@ def denoiser_of(pipe) -> torch.nn.Module:
 
 def timed_call(pipe, inputs: dict, repeats: int) -> dict:
     """Median batch-1 milliseconds of one pipeline call end to end, and of the part spent inside its denoiser."""
-    net, inside = denoiser_of(pipe), []
-    starts = []
-    pre = net.register_forward_pre_hook(lambda module, args: starts.append(time.perf_counter()))
-    post = net.register_forward_hook(lambda module, args, out: inside.append(time.perf_counter() - starts.pop()))
-    totals, networks = [], []
-    try:
-        for i in range(repeats + 1):  # the first call warms up
-            inside.clear()
-            started = time.perf_counter()
-            with torch.no_grad():
-                pipe(**inputs, generator=torch.Generator().manual_seed(i), output_type="np")
-            if i:
-                totals.append(time.perf_counter() - started)
-                networks.append(sum(inside))
-    finally:
-        pre.remove()
-        post.remove()
-    return {"end_to_end_ms": 1000 * sorted(totals)[len(totals) // 2],
-            "network_ms": 1000 * sorted(networks)[len(networks) // 2]}  # fmt: skip
+    return median_ms(lambda seed: pipe(**inputs, generator=torch.Generator().manual_seed(seed), output_type="np"),
+                     denoiser_of(pipe), repeats)  # fmt: skip
 
 
 def timing(family: str, export: Path, teacher: Path, guidance: float | None, repeats: int) -> dict:

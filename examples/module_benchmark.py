@@ -26,11 +26,12 @@ import torch
 from family_teachers import check
 from family_teachers.data import CAPTIONS, fashion_split
 from family_teachers.module_family import ddim_samples, load_module, load_module_teacher
+from family_teachers.timing import median_ms
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "module-fashion-cpu.yaml"
 TOY_RUN = {"train": {"max_steps": 2, "batch_size": 4, "convert_steps": 1, "sample_every": 0, "checkpoint_every": 0},
-           "objective": {"compile_jvp": False}}  # toy: seconds, not the minute compiling takes
+           "objective": {"compile_jvp": False}, "export": {"checkpoint": "last"}}  # toy: seconds; no monitor
 CHECK_BATCH = 100  # samples per sampler call
 
 
@@ -95,25 +96,8 @@ def evaluate(export: Path, teacher_dir: Path, n: int, cache: Path, reference_ite
 
 
 def timed(sample, repeats: int, network: torch.nn.Module) -> dict:
-    """Median batch-1 milliseconds end to end and inside the network's calls (first call warms up)."""
-    inside, starts = [], []
-    pre = network.register_forward_pre_hook(lambda module, args: starts.append(time.perf_counter()))
-    post = network.register_forward_hook(lambda module, args, out: inside.append(time.perf_counter() - starts.pop()))
-    totals, networks = [], []
-    try:
-        for i in range(repeats + 1):
-            inside.clear()
-            started = time.perf_counter()
-            with torch.no_grad():
-                sample([7], i)
-            if i:
-                totals.append(time.perf_counter() - started)
-                networks.append(sum(inside))
-    finally:
-        pre.remove()
-        post.remove()
-    return {"end_to_end_ms": 1000 * sorted(totals)[len(totals) // 2],
-            "network_ms": 1000 * sorted(networks)[len(networks) // 2]}  # fmt: skip
+    """Batch-1 milliseconds of sample([7], seed), end to end and inside the network."""
+    return median_ms(lambda seed: sample([7], seed), network, repeats)
 
 
 def timing(export: Path, teacher_dir: Path, repeats: int) -> dict:
