@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parent / "results"  # family-F-cpu.json, and family-grids/F-cpu.png (class grid)
 FAMILIES = ("sd", "sdxl", "dit", "sd3", "flux", "sana", "edm", "module")
 MINUTES_BAR = 60.0
 
@@ -38,7 +38,9 @@ def row(s: dict) -> str:
     speedup = timing.get("speedup_2_step_end_to_end")
     met = bars(s)
     verdict = "all bars met" if all(met.values()) else "misses: " + "; ".join(k for k, v in met.items() if not v)
-    return (f"| [{s['family']}](examples/results/family-{s['family']}-cpu.json) | {params / 1e6:.1f}M, "
+    grid = RESULTS / "family-grids" / f"{s['family']}-cpu.png"
+    grid = f" ([grid](examples/results/family-grids/{grid.name}))" if grid.is_file() else ""
+    return (f"| [{s['family']}](examples/results/family-{s['family']}-cpu.json){grid} | {params / 1e6:.1f}M, "
             f"{teacher.get('default_steps')} steps | {fd['teacher_default']:.1f} / {fd['teacher_2']:.1f} / "
             f"**{fd['student_2']:.1f}** / {fd['student_1']:.1f} | {accuracy['teacher_default']:.3f} / "
             f"**{accuracy['student_2']:.3f}** / {accuracy.get('student_1', float('nan')):.3f} | "
