@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from family_teachers import check
 from family_teachers.data import CAPTIONS, fashion_split
-from family_teachers.module_family import ddim_samples, load_module, load_module_teacher
+from family_teachers.module_family import ddim_samples, fresh_network, load_module, load_module_teacher
 from family_teachers.timing import median_ms
 
 REPO = Path(__file__).resolve().parent.parent
@@ -48,18 +48,10 @@ def distill_module(teacher_dir: Path, out: Path, size_name: str, data_items: int
     return distill(config, teacher=teacher, data=(data.images, data.labels)).export_dir
 
 
-def student_network(teacher_dir: Path) -> torch.nn.Module:
-    """A fresh instance of the network class (from the source file the teacher folder carries)."""
-    from family_teachers.module_family import import_source
-
-    spec = json.loads((teacher_dir / "module.json").read_text())
-    return import_source(teacher_dir / spec["source"]).PixelUNet(**spec["config"])
-
-
 def student_sampler(export: Path, teacher_dir: Path, steps: int):
     from scm_distill import load_student
 
-    pipe = load_student(export, network=student_network(teacher_dir))
+    pipe = load_student(export, network=fresh_network(teacher_dir)[0])
 
     def sample(labels: list[int], seed: int) -> torch.Tensor:
         out = pipe(class_labels=labels, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed),
@@ -130,16 +122,14 @@ def class_grid(export: Path, teacher_dir: Path, per_class: int, path: Path) -> P
 
 
 FRESH_PROCESS = """
-import json, sys
+import sys
 import numpy as np
 import torch
 from scm_distill import load_student
 sys.path.insert(0, sys.argv[4])
-from family_teachers.module_family import import_source
+from family_teachers.module_family import fresh_network
 export, teacher, out_file = sys.argv[1], sys.argv[2], sys.argv[3]
-spec = json.loads(open(teacher + "/module.json").read())
-network = import_source(__import__("pathlib").Path(teacher) / spec["source"]).PixelUNet(**spec["config"])
-pipe = load_student(export, network=network)
+pipe = load_student(export, network=fresh_network(teacher)[0])
 np.save(out_file, pipe(class_labels=list(range(10)), num_inference_steps=2, generator=torch.Generator().manual_seed(0),
                        output_type="np").images)
 """

@@ -133,10 +133,16 @@ def train_module(size_name: str, out: Path, seed: int, overrides: dict, max_item
 
 def load_module(folder: Path) -> tuple[torch.nn.Module, dict]:
     """The network of a module folder (its own source file, strict weights load) and its description."""
-    spec = json.loads((Path(folder) / DESCRIPTION).read_text())
-    net = import_source(Path(folder) / spec["source"]).PixelUNet(**spec["config"])
+    net, spec = fresh_network(folder)
     net.load_state_dict(load_file(Path(folder) / spec["weights"]))
     return net.eval().requires_grad_(False), spec
+
+
+def fresh_network(folder: Path) -> tuple[torch.nn.Module, dict]:
+    """A new, untrained instance of a module folder's network class (its own source file) and its description:
+    what a user passes to load_student."""
+    spec = json.loads((Path(folder) / DESCRIPTION).read_text())
+    return import_source(Path(folder) / spec["source"]).PixelUNet(**spec["config"]), spec
 
 
 @torch.no_grad()
