@@ -48,7 +48,8 @@ from scm_distill.grids import labelled_rows, save_png  # noqa: E402
 
 FAMILIES = (*LATENT_FAMILIES, "module")  # sd, sdxl, dit, sd3, flux, sana, edm; module: examples/module_benchmark.py
 SIZES = {  # per size: training images of the run, evaluation samples, timing repeats, run overrides
-    "cpu": {"data_items": 20000, "num_samples": 1000, "repeats": 3, "teacher": [], "distill": []},
+    "cpu": {"data_items": 20000, "num_samples": 1000, "repeats": 3, "teacher": ["--check-samples", "500"],
+            "distill": []},
     "toy": {"data_items": 64, "num_samples": 20, "repeats": 1, "teacher": ["--max-items", "64"],
             "distill": ["--max-steps", "2", "--batch-size", "4", "--set", "train.convert_steps=1",
                         "--set", "train.sample_every=0", "--set", "train.checkpoint_every=0",
@@ -57,7 +58,9 @@ SIZES = {  # per size: training images of the run, evaluation samples, timing re
 }  # fmt: skip
 # cpu: 20,000 of the 60,000 training images (evenly spaced, every class) - more than the 32,000 a 2,000-step run at
 # batch 16 draws, and the image folder loads in seconds; 1,000 evaluation samples per sampler (the teacher check's
-# fd_1000 is the same n: FD's small-sample bias makes only equal-n numbers comparable)
+# fd_1000 is the same n: FD's small-sample bias makes only equal-n numbers comparable); the teacher's own check before
+# distilling at 500 samples (class accuracy and a first FD; 2,000 by default took 9 of the sd row's 71.7 minutes), as
+# the evaluation measures the teacher again at 1,000 next to the student
 GRID_PER_CLASS = 4  # samples per class and sampler in the class grid
 MARKER = "family_benchmark.json"  # marks OUTPUT as a benchmark folder (shared VAE, data, reference, one per family)
 
