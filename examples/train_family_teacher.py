@@ -7,10 +7,11 @@ objective, save it as an ordinary pipeline folder, and check that it samples wel
     python examples/train_family_teacher.py --check-only /work/runs/teachers/sd --guidance-scale 2
 
 Families: sd (SD 1.x layout), sdxl, dit, sd3, flux, sana, edm (latent, on a shared VAE), module (a plain nn.Module
-of our own on pixels, saved as safetensors + JSON + its source), vae-kl / vae-dc (the shared autoencoders:
-AutoencoderKL for every latent family but Sana, AutoencoderDC for Sana). A latent family without --vae uses (and,
-when missing, first trains) OUTPUT/../vae-kl or OUTPUT/../vae-dc. The modules in examples/family_teachers/ say what
-each family trains and how; every number of a run goes to OUTPUT/teacher_info.json (vae_info.json for a VAE).
+of our own on pixels, saved as safetensors + JSON + its source), vae-kl / vae-kl4 / vae-dc (the shared
+autoencoders: the 8-channel AutoencoderKL for sd, sdxl, dit, sd3 and flux, the 4-channel one for edm, AutoencoderDC
+for Sana). A latent family without --vae uses (and, when missing, first trains) OUTPUT/../vae-KIND. The modules in
+examples/family_teachers/ say what each family trains and how; every number of a run goes to
+OUTPUT/teacher_info.json (vae_info.json for a VAE).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from family_teachers.module_family import check_module, train_module  # noqa: E4
 from family_teachers.vae import VAE_SIZES, check_vae, train_vae  # noqa: E402
 
 LATENT_FAMILIES = latent_teacher.LATENT_FAMILIES
-VAE_FAMILIES = {"vae-kl": "kl", "vae-dc": "dc"}
+VAE_FAMILIES = {"vae-kl": "kl", "vae-kl4": "kl4", "vae-dc": "dc"}
 FAMILIES = (*LATENT_FAMILIES, "module", *VAE_FAMILIES)
 SIZES = ("cpu", "toy")  # cpu: the real teachers (<= ~25 min each on 2 cores); toy: seconds, for tests
 DEFAULT_CHECK = {"cpu": 2000, "toy": 0}  # samples of the teacher check per size (0: no check; 2,000 as the pixel

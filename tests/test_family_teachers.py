@@ -122,3 +122,25 @@ def test_missing_dataset_names_the_debian_package_and_the_datasets_fallback(tmp_
     last = done.stderr.strip().splitlines()[-1]
     assert done.returncode == 1 and "dataset-fashion-mnist" in last and "`datasets` fallback" in last
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["sd", "sdxl", "dit", "sd3", "flux", "sana", "edm"])
+def test_every_family_at_cpu_size_samples_with_the_stock_pipeline_on_its_vae_kind(name):
+    """The real (cpu) sizes, untrained: each family's pipeline on a VAE of its kind and channel count runs one
+    stock step. Toy VAEs have 4 latent channels, which hid that StableDiffusionXLPipeline reads EDM's per-channel
+    latents_mean as 4 channels (the 8-channel VAE failed in the pipeline's decode: RuntimeError in view)."""
+    from family_teachers.latent_teacher import LATENT_FAMILIES, family_vae
+    from family_teachers.vae import TrainedVAE, build_vae, vae_size
+
+    family = LATENT_FAMILIES[name]()
+    torch.manual_seed(0)
+    vae = build_vae(family.vae_kind, vae_size(family.vae_kind, "cpu")).eval()
+    channels = vae.config.latent_channels
+    stats = {"mean": 0.0, "std": 1.0, "channel_mean": [0.0] * channels, "channel_std": [1.0] * channels}
+    trained = TrainedVAE(None, vae, torch.zeros(0), torch.zeros(0), {"latent_statistics": stats})
+    pipe = family.build_pipeline(family_vae(trained, family), family.sizes["cpu"], 0)
+    pipe.set_progress_bar_config(disable=True)
+    scale = family.sizes["cpu"].guidance_scale
+    images = pipe(**family.call_inputs([7], scale), num_inference_steps=1, output_type="np",
+                  generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+    assert images.shape == (1, 32, 32, 3) and bool(torch.isfinite(torch.as_tensor(images)).all())

@@ -133,7 +133,7 @@ class EDMFamily(SDXLFamily):
     """The Playground v2.5 layout: SDXL's pipeline and UNet with EDMEulerScheduler (sigma 0.002..80, sigma_data
     0.5, EDM "epsilon" output scaling), per-channel latent statistics, EDM's noise distribution and weighting."""
 
-    name = "edm"
+    name, vae_kind = "edm", "kl4"  # SDXL's pipeline reads 4 latent channels (latents_mean.view(1, 4, 1, 1))
 
     def __init__(self):
         self.scheduler = diffusers.EDMEulerScheduler(sigma_min=0.002, sigma_max=80.0, sigma_data=EDM_SIGMA_DATA,

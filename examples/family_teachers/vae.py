@@ -1,5 +1,7 @@
-"""The shared autoencoders: an AutoencoderKL (SD, SDXL, EDM, DiT, SD3, FLUX) and an AutoencoderDC (Sana), each
-trained once on the teachers' data and cached in its folder with the latents of every training image.
+"""The shared autoencoders: an 8-channel AutoencoderKL (SD, SDXL, DiT, SD3, FLUX), a 4-channel one (EDM: the stock
+StableDiffusionXLPipeline reads per-channel latents_mean / latents_std as 4 channels, SDXL's latent width) and an
+AutoencoderDC (Sana), each trained once on the teachers' data and cached in its folder with the latents of every
+training image.
 
 Folder layout: `vae/` (save_pretrained), `latents.safetensors` (raw encoder outputs of the train split in its order:
 the posterior mean for KL, the latent for DC; [N, c, h, w]) and `vae_info.json` (kind, size, training, latent
@@ -44,12 +46,24 @@ VAE_SIZES = {
     "toy": VAESize(widths=(8, 8, 8), latent_channels=4,
                    train=TrainSettings(steps=4, batch_size=8, lr=1e-3, log_every=2)),
 }
+KINDS = ("kl", "kl4", "dc")  # AutoencoderKL (latent_channels of the size), AutoencoderKL with 4, AutoencoderDC
+KL4_CHANNELS = 4  # StableDiffusionXLPipeline.__call__ views vae.config.latents_mean as [1, 4, 1, 1]
+
+
+def vae_size(kind: str, size_name: str) -> VAESize:
+    """The size's autoencoder for `kind` (kl4: the size's with 4 latent channels)."""
+    size = VAE_SIZES[size_name]
+    return dataclasses.replace(size, latent_channels=KL4_CHANNELS) if kind == "kl4" else size
+
+
+def autoencoder_class(kind: str) -> type:
+    return AutoencoderDC if kind == "dc" else AutoencoderKL
 
 
 def build_vae(kind: str, size: VAESize) -> torch.nn.Module:
-    """A fresh AutoencoderKL ("kl") or AutoencoderDC ("dc") for 3-channel 32x32 images."""
+    """A fresh AutoencoderKL ("kl", "kl4") or AutoencoderDC ("dc") for 3-channel 32x32 images."""
     levels = len(size.widths)
-    if kind == "kl":
+    if autoencoder_class(kind) is AutoencoderKL:
         return AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=size.widths, layers_per_block=1,
                              down_block_types=("DownEncoderBlock2D",) * levels,
                              up_block_types=("UpDecoderBlock2D",) * levels, latent_channels=size.latent_channels,
@@ -103,7 +117,7 @@ def train_vae(kind: str, size_name: str, out: Path, seed: int, max_items: int | 
               command: str) -> Path:  # fmt: skip
     """Train the `kind` autoencoder on the train split and write its folder (weights, latents, info)."""
     refuse_existing(out, overwrite)
-    size = VAE_SIZES[size_name]
+    size = vae_size(kind, size_name)
     data = fashion_split("train", max_items)
     images = data.images  # uint8 [N, 1, 32, 32]
     torch.manual_seed(seed)
@@ -154,10 +168,9 @@ def load_trained_vae(folder: Path, kind: str) -> TrainedVAE:
         raise SystemExit(f"error: '{folder}' is not a VAE folder of this script (no {INFO_FILE}).")
     info = json.loads(info_path.read_text())
     if info["kind"] != kind:
-        raise SystemExit(f"error: '{folder}' holds an Autoencoder{info['kind'].upper()} but this family needs an "
-                         f"Autoencoder{kind.upper()} (train one with --family vae-{kind}).")  # fmt: skip
-    cls = AutoencoderKL if kind == "kl" else AutoencoderDC
-    vae = cls.from_pretrained(Path(folder) / "vae").eval().requires_grad_(False)
+        raise SystemExit(f"error: '{folder}' holds a VAE of kind {info['kind']} but this family needs kind {kind} "
+                         f"(train one with --family vae-{kind}).")  # fmt: skip
+    vae = autoencoder_class(kind).from_pretrained(Path(folder) / "vae").eval().requires_grad_(False)
     tensors = load_file(Path(folder) / LATENTS_FILE)
     return TrainedVAE(Path(folder), vae, tensors["latents"], tensors["labels"], info)
 
