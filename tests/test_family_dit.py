@@ -66,6 +66,25 @@ def test_cfg_target_uses_the_null_class():
                                atol=1e-9)  # fmt: skip
 
 
+def test_a_teacher_of_fewer_classes_samples_only_the_labels_its_id2label_names(tmp_path):
+    """A DiT trained on 10 classes keeps DiTPipeline's 1000-row label table (row 1000: the null class); labels past
+    its id2label were never trained, so the run's sample grids and collapse monitor and the export's label range
+    must stop at its classes (they drew 0..999: the monitor's teacher row was noise on the Fashion-MNIST DiT)."""
+    import json
+
+    from scm_distill.families import load_teacher
+
+    folder = save_tiny("dit", tmp_path / "teacher")
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "id2label": {"0": "a", "1": "b", "2": "c"}}))
+    teacher = load_teacher(str(folder))
+    assert (teacher.num_classes, teacher.null_class) == (3, 1000)
+    drawn = teacher.sample_inputs(200, torch.Generator().manual_seed(0))["class_labels"]
+    assert set(drawn) == {0, 1, 2}
+    assert teacher.encode_negative()["class_labels"].tolist() == [1000]
+    assert load_teacher(str(save_tiny("dit", tmp_path / "whole-table"))).num_classes == 1000  # no id2label
+
+
 def test_student_starts_equal_to_the_teacher_and_learns_its_guidance_input():
     teacher = float64_teacher()
     teacher.configure(resolve(cli={"teacher": "t", "output": "o", "guidance": {"embedding_dim": 16}}))

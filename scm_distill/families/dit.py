@@ -73,6 +73,8 @@ class DiTTeacher(GuidedLatentTeacher):
         self.space = LatentSpace(pipe.vae)
         self.scheduler_config = scheduler_config(pipe.scheduler)
         self.resolution = self.default_resolution()
+        self.id2label = read_model_index(self.folder).get("id2label") if (self.folder / "model_index.json").is_file() \
+            else None  # fmt: skip
         self.reset_run_settings()
         self.model = self._teacher_model(sigma_d)
 
@@ -96,8 +98,17 @@ class DiTTeacher(GuidedLatentTeacher):
         return (self.transformer.config.sample_size * self.space.downsampling,) * 2
 
     @property
-    def num_classes(self) -> int:
+    def null_class(self) -> int:
+        """The unconditional label: the last row of the label table (DiTPipeline hard-codes 1000)."""
         return self.transformer.config.num_embeds_ada_norm
+
+    @property
+    def num_classes(self) -> int:
+        """The labels the teacher knows, 0..num_classes-1: those its id2label names when it names fewer than the
+        label table has (a DiT trained on 10 classes keeps the 1000-row table DiTPipeline needs for its null class,
+        and labels 10..999 were never trained), else the whole table."""
+        known = max((int(label) for label in self.id2label or {}), default=self.null_class - 1) + 1
+        return min(known, self.null_class)
 
     def check_data(self, images) -> None:
         if images.num_classes is None:
@@ -124,7 +135,7 @@ class DiTTeacher(GuidedLatentTeacher):
         return {"class_labels": torch.as_tensor(inputs["class_labels"]).reshape(-1).to(self.device)}
 
     def encode_negative(self) -> Condition:
-        return {"class_labels": torch.full((1,), self.num_classes, dtype=torch.long, device=self.device)}
+        return {"class_labels": torch.full((1,), self.null_class, dtype=torch.long, device=self.device)}
 
     def batch_inputs(self, batch: dict) -> Inputs:
         return {"class_labels": batch["label"]}
@@ -149,11 +160,9 @@ class DiTTeacher(GuidedLatentTeacher):
 
     def student_pipeline(self, network: GuidedTransformer, info: ExportInfo) -> SCMDiTPipeline:
         K = lcm_original_steps(self.model.process, info.t_max, info.t_mid)
-        id2label = read_model_index(self.folder).get("id2label") if (self.folder / "model_index.json").is_file() \
-            else None  # fmt: skip
         return SCMDiTPipeline(transformer=network.transformer, vae=self.pipe.vae,
                               scheduler=lcm_scheduler(self.scheduler_config, info.prediction, K),
-                              guidance_embedder=network.guidance_embedder, id2label=id2label)  # fmt: skip
+                              guidance_embedder=network.guidance_embedder, id2label=self.id2label)  # fmt: skip
 
     def describe(self, pipeline, info: ExportInfo) -> ExportDescription:
         times, timesteps = lcm_times(self.model.process, pipeline.scheduler)
