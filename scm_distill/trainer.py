@@ -167,9 +167,12 @@ class Run:
         return self.convert_steps + self.config.train.max_steps
 
     @property
+    def virtual_ranks(self) -> int:
+        return self.accelerator.num_processes * self.config.train.grad_accum_steps
+
+    @property
     def global_batch(self) -> int:
-        train = self.config.train
-        return train.batch_size * self.accelerator.num_processes * train.grad_accum_steps
+        return self.config.train.batch_size * self.virtual_ranks
 
     def save(self, name: str | None = None) -> None:
         """A checkpoint of the current step (pruned to the newest keep_checkpoints), or the named one (`best`)."""
@@ -421,8 +424,7 @@ def export(run: Run) -> DistillResult:
         check_weights({"EMA student": exported}, state.step)
         check_samples(ema_samples(config, run.teacher, exported), state.step)
         export_student(config, run.teacher, exported, export_dir, run.run_dir, state, run.convert_steps,
-                       run.accelerator.num_processes * config.train.grad_accum_steps, checkpoint=label,
-                       grid_step=grid_step)  # fmt: skip
+                       run.virtual_ranks, checkpoint=label, grid_step=grid_step)  # fmt: skip
     run.accelerator.wait_for_everyone()
     return DistillResult(run.run_dir, export_dir, run.student, exported if main else run.ema.module, state, main)
 

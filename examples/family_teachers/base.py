@@ -51,7 +51,7 @@ class LatentFamily(ABC):
     """One diffusers family trained on the shared VAE's latents."""
 
     name: ClassVar[str]
-    vae_kind: ClassVar[str] = "kl"  # vae.KINDS: "kl" / "kl4" (AutoencoderKL, 8 / 4 channels), "dc"
+    vae_kind: ClassVar[str] = "kl"  # "kl" / "kl4" (AutoencoderKL, 8 / 4 channels: vae.vae_size), "dc"
     default_steps: ClassVar[int]  # the stock pipeline's num_inference_steps default
     denoiser_name: ClassVar[str] = "transformer"  # the pipeline component that is trained
     sizes: ClassVar[dict[str, FamilySize]]

@@ -46,7 +46,6 @@ VAE_SIZES = {
     "toy": VAESize(widths=(8, 8, 8), latent_channels=4,
                    train=TrainSettings(steps=4, batch_size=8, lr=1e-3, log_every=2)),
 }
-KINDS = ("kl", "kl4", "dc")  # AutoencoderKL (latent_channels of the size), AutoencoderKL with 4, AutoencoderDC
 KL4_CHANNELS = 4  # StableDiffusionXLPipeline.__call__ views vae.config.latents_mean as [1, 4, 1, 1]
 
 
