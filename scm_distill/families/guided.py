@@ -26,6 +26,7 @@ from ..parameterization import Condition, NativeModel, Prediction
 from ..student import set_dropout, student_prediction
 from .base import Inputs, Teacher
 from .latent import LatentData, LatentSpace
+from .prompt_cache import PromptCache
 
 if TYPE_CHECKING:
     from ..config import DistillConfig, LoraConfig
@@ -55,6 +56,7 @@ class GuidedLatentTeacher(Teacher):
         self.lora: LoraConfig | None = None
         self.sigma_images, self.seed = 1024, 0
         self._negative: Condition | None = None  # CFG's unconditional inputs, computed once
+        self._prompt_cache = PromptCache(lambda prompts: self.encode({"prompt": prompts}))
 
     @abstractmethod
     def _teacher_model(self, sigma_d: float) -> NativeModel:
@@ -151,10 +153,17 @@ class GuidedLatentTeacher(Teacher):
     def encode_negative(self) -> Condition:
         """Network inputs of CFG's unconditional branch (batch 1), by the pipeline's own rules."""
 
+    def encoded(self, inputs: Inputs) -> Condition:
+        """encode(inputs); prompts through the run's PromptCache (each distinct prompt encoded once per
+        resolution, which SDXL's time ids carry)."""
+        if "prompt" not in inputs:
+            return self.encode(inputs)
+        return self._prompt_cache(inputs["prompt"], key=tuple(self.resolution))
+
     def guided(self, inputs: Inputs, scales: Tensor | float) -> Condition:
         """Network inputs, the scales s [B] as "guidance", and (teachers read with CFG) the "uncond" branch and the
         CFG scale "guidance_scale" (guidance.py)."""
-        condition = self.encode(inputs)
+        condition = self.encoded(inputs)
         n = next(v for v in condition.values() if isinstance(v, Tensor)).shape[0]
         s = (torch.full((n,), float(scales)) if not isinstance(scales, Tensor) else scales).to(self.device,
                                                                                                 torch.float32)
