@@ -62,6 +62,7 @@ SIZES = {  # per size: training images of the run, evaluation samples, timing re
 # distilling at 500 samples (class accuracy and a first FD; 2,000 by default took 9 of the sd row's 71.7 minutes), as
 # the evaluation measures the teacher again at 1,000 next to the student
 GRID_PER_CLASS = 4  # samples per class and sampler in the class grid
+SHARED = ("total", "shared_vae")  # minutes not summed into a row's total: the shared VAE is trained once for all rows
 MARKER = "family_benchmark.json"  # marks OUTPUT as a benchmark folder (shared VAE, data, reference, one per family)
 
 
@@ -169,18 +170,22 @@ def teacher_minutes(facts: dict) -> float:
     return round(facts.get("train_minutes", 0.0) + sum(c.get("check_minutes", 0.0) for c in checks), 2)
 
 
-def teacher_folder(args: argparse.Namespace, family: str, root: Path, out: Path, size: dict) -> tuple[Path, float]:
-    """(teacher folder, its minutes): --teacher, or trained on the shared VAE (trained first if missing)."""
+def teacher_folder(args: argparse.Namespace, family: str, root: Path, out: Path,
+                   size: dict) -> tuple[Path, float, float | None]:  # fmt: skip
+    """(teacher folder, its minutes, the shared VAE's minutes when this run trained it, else None): --teacher, or
+    trained on the shared VAE (trained first if missing; its minutes are the VAE's, not this row's)."""
     if args.teacher is not None:
-        return args.teacher, teacher_minutes(teacher_facts(args.teacher))
+        return args.teacher, teacher_minutes(teacher_facts(args.teacher)), None
     kind = LATENT_FAMILIES[family].vae_kind
-    vae = root / f"vae-{kind}"
-    started = time.time()
+    vae, vae_minutes = root / f"vae-{kind}", None
     common = ["--size", args.size, *size["teacher"], *(["--check-samples", "0"] if args.size == "toy" else [])]
     if not (vae / "vae_info.json").is_file():
+        started = time.time()
         train_teacher(["--family", f"vae-{kind}", "--output", str(vae), "--overwrite", *common])
+        vae_minutes = round((time.time() - started) / 60, 2)
+    started = time.time()
     train_teacher(["--family", family, "--output", str(out / "teacher"), "--vae", str(vae), "--overwrite", *common])
-    return out / "teacher", (time.time() - started) / 60
+    return out / "teacher", (time.time() - started) / 60, vae_minutes
 
 
 def distill(family: str, teacher: Path, data: Path, out: Path, size: dict) -> Path:
@@ -365,7 +370,7 @@ def run_family(args: argparse.Namespace, family: str, root: Path, reference: Pat
         if stage != "teacher":  # the teacher stage's minutes are its training time
             report["minutes"][stage] = round((time.time() - minutes_from) / 60, 2)
         report["stages_done"].append(stage)
-        report["minutes"]["total"] = round(sum(v for k, v in report["minutes"].items() if k != "total"), 2)
+        report["minutes"]["total"] = round(sum(v for k, v in report["minutes"].items() if k not in SHARED), 2)
         write_reports(out, family, args.size, report)
         return time.time()
 
@@ -376,7 +381,9 @@ def run_family(args: argparse.Namespace, family: str, root: Path, reference: Pat
         print((out / "results.md").read_text())
         return report
 
-    teacher, report["minutes"]["teacher"] = teacher_folder(args, family, root, out, size)
+    teacher, report["minutes"]["teacher"], vae_minutes = teacher_folder(args, family, root, out, size)
+    if vae_minutes is not None:
+        report["minutes"]["shared_vae"] = vae_minutes
     facts = teacher_facts(teacher)
     report["teacher"] = {"folder": str(teacher), "reused": args.teacher is not None,
                          **{k: facts.get(k) for k in ("pipeline", "denoiser", "parameters", "default_steps", "check",

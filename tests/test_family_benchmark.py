@@ -73,6 +73,11 @@ def test_families_of_one_folder_share_the_vae_data_and_reference(bench):
                                                                     "train-captions-64", "vae-kl"]  # fmt: skip
     info = json.loads((bench / "sd3" / "teacher" / "teacher_info.json").read_text())
     assert info["vae"] == str(bench / "vae-kl")
+    # the first row trained the shared VAE: its minutes are recorded apart and left out of that row's total
+    first, second = (json.loads((bench / f / f"family-{f}-toy.json").read_text())["minutes"] for f in ("sd", "sd3"))
+    assert first["shared_vae"] > 0 and "shared_vae" not in second
+    stages = {k: v for k, v in first.items() if k not in ("total", "shared_vae")}
+    assert first["total"] == pytest.approx(sum(stages.values()), abs=0.011)
 
 
 def refused(argv: list[str], capsys) -> str:
