@@ -53,17 +53,19 @@ def network_inputs(condition: Condition) -> Condition:
     return {key: value for key, value in condition.items() if key not in GUIDANCE_KEYS}
 
 
-def concat_conditions(first: Any, second: Any) -> Any:
-    """Stack two conditions along the batch: tensors are concatenated, dicts merged key by key, other values (None,
+def concat_conditions(first: Any, *rest: Any) -> Any:
+    """Stack conditions along the batch: tensors are concatenated, dicts merged key by key, other values (None,
     strings) must agree."""
     if isinstance(first, Tensor):
-        return torch.cat([first, second])
+        return torch.cat([first, *rest])
     if isinstance(first, dict):
-        if first.keys() != second.keys():
-            raise UserError(f"conditions to stack have different keys: {sorted(first)} vs {sorted(second)}.")
-        return {key: concat_conditions(first[key], second[key]) for key in first}
-    if first != second:
-        raise UserError(f"conditions to stack differ in a non-tensor value: {first!r} vs {second!r}.")
+        for other in rest:
+            if first.keys() != other.keys():
+                raise UserError(f"conditions to stack have different keys: {sorted(first)} vs {sorted(other)}.")
+        return {key: concat_conditions(first[key], *(other[key] for other in rest)) for key in first}
+    for other in rest:
+        if first != other:
+            raise UserError(f"conditions to stack differ in a non-tensor value: {first!r} vs {other!r}.")
     return first
 
 

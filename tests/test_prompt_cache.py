@@ -78,3 +78,14 @@ def test_the_budget_drops_the_least_recently_used_prompt_first():
     assert cache.bytes == 2 * row_bytes
     cache(["bb"])
     assert calls[-1] == "bb"  # encoded again: it had been dropped
+
+
+def test_a_batch_keeps_its_own_cached_prompts_while_it_adds_new_ones():
+    """The new prompt of a full cache drops the least recent one not in the batch, even when the batch's cached
+    prompt was the least recent before the call."""
+    cache = PromptCache(lambda prompts: {"states": torch.stack([torch.full((4,), float(len(p))) for p in prompts])},
+                        max_bytes=2 * condition_bytes({"states": torch.zeros(1, 4)}))  # fmt: skip
+    cache(["a", "bb"])  # "a" is the least recent
+    out = cache(["ccc", "a"])
+    assert out["states"][:, 0].tolist() == [3.0, 1.0]
+    assert [prompt for prompt, _ in cache.rows] == ["a", "ccc"]  # "bb" dropped, "a" kept

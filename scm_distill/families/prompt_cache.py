@@ -40,18 +40,6 @@ def condition_bytes(condition: Any) -> int:
     return 0
 
 
-def stack_rows(rows: Sequence[Any]) -> Any:
-    """Batches of one stacked into one batch (tensors concatenated once, non-tensor values must agree)."""
-    first = rows[0]
-    if isinstance(first, Tensor):
-        return torch.cat(list(rows))
-    if isinstance(first, dict):
-        return {key: stack_rows([row[key] for row in rows]) for key in first}
-    for row in rows[1:]:
-        concat_conditions(first, row)  # the one-sentence error when they differ
-    return first
-
-
 class PromptCache:
     """`cache(prompts, key)` = encode(prompts) for batch-first conditions, each distinct (prompt, key) encoded once;
     `key` names what else the inputs depend on (e.g. the resolution SDXL's time ids carry)."""
@@ -62,23 +50,23 @@ class PromptCache:
         self.bytes = 0
 
     def __call__(self, prompts: Sequence[str], key: Hashable = None) -> Condition:
-        prompts = list(prompts)
-        missing = [p for p in dict.fromkeys(prompts) if (p, key) not in self.rows]
-        fresh = {}
+        distinct = list(dict.fromkeys(prompts))
+        for prompt in distinct:  # the batch's cached prompts become the most recent before anything is dropped
+            if (prompt, key) in self.rows:
+                self.rows.move_to_end((prompt, key))
+        rows = {prompt: self.rows.get((prompt, key)) for prompt in distinct}
+        missing = [prompt for prompt, row in rows.items() if row is None]
         if missing:
             with torch.no_grad():
                 encoded = self.encode(missing)
-            fresh = {p: condition_row(encoded, i) for i, p in enumerate(missing)}
-        rows = [fresh[p] if p in fresh else self.rows[(p, key)] for p in prompts]
-        for p in dict.fromkeys(prompts):
-            self.keep((p, key), fresh.get(p))
-        return stack_rows(rows)
+            for i, prompt in enumerate(missing):
+                rows[prompt] = condition_row(encoded, i)
+                self.add((prompt, key), rows[prompt])
+        return concat_conditions(*(rows[prompt] for prompt in prompts))
 
-    def keep(self, entry: tuple, row: Condition | None) -> None:
-        """Mark `entry` most recently used (adding `row` when new), then drop the least recent over the budget."""
-        if row is None:
-            self.rows.move_to_end(entry)
-            return
+    def add(self, entry: tuple, row: Condition) -> None:
+        """Keep `row` as the most recent entry (unless it alone exceeds the budget), dropping the least recent ones
+        over the budget."""
         size = condition_bytes(row)
         if size > self.max_bytes:
             return
@@ -87,7 +75,3 @@ class PromptCache:
         while self.bytes > self.max_bytes:
             _, dropped = self.rows.popitem(last=False)
             self.bytes -= condition_bytes(dropped)
-
-    def clear(self) -> None:
-        self.rows.clear()
-        self.bytes = 0
