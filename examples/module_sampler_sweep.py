@@ -3,19 +3,22 @@ recipes/module-fashion-cpu.yaml (a consistency student samples at any t_max / t_
 
     python examples/module_sampler_sweep.py --export RUN/pipeline --teacher TEACHER --output sweep.jsonl
 
-Each line: sigma_max (in the network's own units, t_max = arctan(sigma_max / sigma_d)), t_mid, FD (EfficientNet-Lite0,
-n samples against the 10,000 test images) and class accuracy, written as each point is measured.
+Each line: sigma_max (in the network's own units; t_max as the recipe's sampling.sigma_max sets it, through
+scm_distill.generate.sampling_times), t_mid, FD (EfficientNet-Lite0, n samples against the 10,000 test images) and
+class accuracy, written as each point is measured.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 import module_benchmark as mb
 from family_teachers import check
+
+from scm_distill.config import SamplingConfig
+from scm_distill.generate import sampling_times
 
 GRID = ((10.0, 1.3), (10.0, 1.1), (10.0, 0.9), (20.0, 1.3), (5.0, 1.3), (5.0, 1.1))
 
@@ -29,9 +32,8 @@ def main() -> None:
     p.add_argument("--cache", type=Path, default=Path("runs/reference/.fidelity-cache"))
     args = p.parse_args()
     sample, pipe = mb.student_sampler(args.export, args.teacher, 2)
-    sigma_d = pipe.reading["sigma_data"]
     for sigma_max, t_mid in GRID:
-        pipe.reading["times"] = [math.atan(sigma_max / sigma_d), t_mid]
+        pipe.reading["times"] = list(sampling_times(SamplingConfig(sigma_max=sigma_max, t_mid=t_mid), pipe.model))
         result = check.check(sample, args.samples, mb.CHECK_BATCH, args.cache, None, {})
         line = {"sigma_max": sigma_max, "t_mid": t_mid, "times": pipe.reading["times"], "fd": result["fd"],
                 "accuracy": result["accuracy"], "num_samples": args.samples}  # fmt: skip
