@@ -144,11 +144,21 @@ def test_bad_checkpoints_on_resume(capsys, tiny_teacher, tmp_path):
 
 
 def test_demo_end_to_end_with_a_relative_output(tmp_path, monkeypatch):
-    # `make demo` passes a relative --output; the export is reloaded in a process whose cwd is elsewhere
+    # `make demo` passes a relative --output; the export is reloaded in a process whose cwd is elsewhere. The demo
+    # recipe as shipped but for 1 conversion step instead of 100 (most of this test's distillation time)
+    import yaml
+
+    from scm_distill import demo
+
+    recipe = yaml.safe_load(demo.DEMO_RECIPE.read_text())
+    recipe["train"]["convert_steps"] = 1
+    (tmp_path / "demo.yaml").write_text(yaml.safe_dump(recipe))
+    monkeypatch.setattr(demo, "DEMO_RECIPE", tmp_path / "demo.yaml")
     monkeypatch.chdir(tmp_path)
     assert main(["demo", "--output", "out", "--max-steps", "2", "--num-samples", "8"]) == 0
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["export_matches_toolkit_sampler"] is True and report["sCD_steps"] == 2
+    assert report["conversion_steps"] == 1
     assert set(report["frechet_distance"]) == {"teacher_100_steps", "teacher_2_steps", "student_2_steps",
                                                "student_1_step"}  # fmt: skip
     assert all((tmp_path / "out" / f).is_file() for f in ("report.md", "samples.png", "pipeline/model_index.json"))

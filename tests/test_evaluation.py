@@ -1,5 +1,6 @@
 """evaluate and bench end to end on a tiny export (offline, small N), and their bad inputs."""
 
+import dataclasses
 import json
 
 import pytest
@@ -8,7 +9,7 @@ from conftest import run_cli
 
 from scm_distill.evaluation.bench import BenchSettings, bench
 from scm_distill.evaluation.cost import dit_case, sd_unet_case, training_cost
-from scm_distill.evaluation.evaluate import EvalSettings, evaluate
+from scm_distill.evaluation.evaluate import EvalSettings, evaluate, reference_images
 
 SMALL = EvalSettings(steps=(1, 2), teacher_steps=(2,), num_samples=12, batch_size=6, trust_remote_code=True)
 
@@ -55,10 +56,26 @@ def test_evaluate_against_an_image_folder_given_by_path(tiny_run, tmp_path):
 
 
 def test_evaluate_resizes_the_reference_only_when_asked(tiny_run, tmp_path):
-    settings = EvalSettings(steps=(2,), teacher_steps=(), num_samples=8, resize_reference=True,
-                            trust_remote_code=True)
-    metrics = evaluate(tiny_run.export_dir, "mnist5k", tmp_path / "e", None, settings)
-    assert metrics["num_reference"] == 5000 and set(metrics["results"]) == {"student@2"}
+    # 16 reference images of 28x28, each one grey level, against a model that makes 8x8: refused unless asked to
+    # resize; a bilinear, antialiased resize keeps each constant image constant at its own level
+    import numpy as np
+    from PIL import Image
+
+    folder, levels = tmp_path / "reference", list(range(0, 256, 17))
+    folder.mkdir()
+    for i, level in enumerate(levels):
+        Image.fromarray(np.full((28, 28), level, dtype=np.uint8)).save(folder / f"{i:03d}.png")
+    plain = EvalSettings(steps=(2,), teacher_steps=(), num_samples=8, trust_remote_code=True)
+    with pytest.raises(ValueError, match="is 28x28 but the model makes 8x8; pass --resize-reference"):
+        evaluate(tiny_run.export_dir, str(folder), tmp_path / "refused", None, plain)
+    assert not (tmp_path / "refused").exists()
+    resize = dataclasses.replace(plain, resize_reference=True)
+    images, _ = reference_images(str(folder), (1, 8, 8), resize)
+    assert images.shape == (16, 1, 8, 8) and images.dtype == torch.uint8
+    assert torch.equal(images.amin((1, 2, 3)), images.amax((1, 2, 3)))
+    assert sorted(images[:, 0, 0, 0].tolist()) == levels
+    metrics = evaluate(tiny_run.export_dir, str(folder), tmp_path / "e", None, resize)
+    assert metrics["num_reference"] == 16 and set(metrics["results"]) == {"student@2"}
 
 
 def test_bench_smoke(tiny_run, tiny_teacher, tmp_path):
