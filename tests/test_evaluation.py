@@ -3,13 +3,23 @@
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
 from conftest import run_cli
+from PIL import Image
 
 from scm_distill.evaluation.bench import BenchSettings, bench
 from scm_distill.evaluation.cost import dit_case, sd_unet_case, training_cost
 from scm_distill.evaluation.evaluate import EvalSettings, evaluate, reference_images
+
+
+def save_pngs(folder, images) -> None:
+    """Each uint8 [H, W] array as folder/000.png, 001.png, ... (the folder is created)."""
+    folder.mkdir(parents=True)
+    for i, pixels in enumerate(images):
+        Image.fromarray(pixels).save(folder / f"{i:03d}.png")
+
 
 SMALL = EvalSettings(steps=(1, 2), teacher_steps=(2,), num_samples=12, batch_size=6, trust_remote_code=True)
 
@@ -42,13 +52,8 @@ def test_evaluate_bad_inputs(tiny_run, tmp_path):
 
 def test_evaluate_against_an_image_folder_given_by_path(tiny_run, tmp_path):
     # a folder spec is a path (slashes, spaces): it names the reference in the report and keys the feature cache
-    import numpy as np
-    from PIL import Image
-
     folder = tmp_path / "real images" / "test"
-    folder.mkdir(parents=True)
-    for i, pixels in enumerate(np.random.default_rng(0).integers(0, 256, (16, 8, 8), dtype=np.uint8)):
-        Image.fromarray(pixels).save(folder / f"{i:03d}.png")
+    save_pngs(folder, np.random.default_rng(0).integers(0, 256, (16, 8, 8), dtype=np.uint8))
     metrics = evaluate(tiny_run.export_dir, str(folder), tmp_path / "eval", None,
                        EvalSettings(steps=(2,), teacher_steps=(), num_samples=8, trust_remote_code=True))  # fmt: skip
     assert metrics["num_reference"] == 16 and metrics["reference"] == str(folder)
@@ -58,13 +63,8 @@ def test_evaluate_against_an_image_folder_given_by_path(tiny_run, tmp_path):
 def test_evaluate_resizes_the_reference_only_when_asked(tiny_run, tmp_path):
     # 16 reference images of 28x28, each one grey level, against a model that makes 8x8: refused unless asked to
     # resize; a bilinear, antialiased resize keeps each constant image constant at its own level
-    import numpy as np
-    from PIL import Image
-
     folder, levels = tmp_path / "reference", list(range(0, 256, 17))
-    folder.mkdir()
-    for i, level in enumerate(levels):
-        Image.fromarray(np.full((28, 28), level, dtype=np.uint8)).save(folder / f"{i:03d}.png")
+    save_pngs(folder, [np.full((28, 28), level, dtype=np.uint8) for level in levels])
     plain = EvalSettings(steps=(2,), teacher_steps=(), num_samples=8, trust_remote_code=True)
     with pytest.raises(ValueError, match="is 28x28 but the model makes 8x8; pass --resize-reference"):
         evaluate(tiny_run.export_dir, str(folder), tmp_path / "refused", None, plain)
