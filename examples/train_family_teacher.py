@@ -40,7 +40,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--size", default="cpu", help=f"one of {', '.join(SIZES)}")
     p.add_argument("--output", type=Path, help="folder to write (must not exist unless --overwrite)")
     p.add_argument("--vae", type=Path, help="VAE folder (vae-kl / vae-dc output) for a latent family")
-    p.add_argument("--steps", type=int, help="training steps (default: the size's)")
+    p.add_argument("--steps", type=int, help="training steps (default: the size's; a vae-* family's are the VAE's)")
     p.add_argument("--batch-size", type=int, help="training batch size (default: the size's)")
     p.add_argument("--lr", type=float, help="peak learning rate (default: the size's)")
     p.add_argument("--max-items", type=int, help="train on an evenly spaced subset of the train split")
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     n = check_samples(args)
     if args.family in VAE_FAMILIES:
         train_vae(VAE_FAMILIES[args.family], args.size, args.output, args.seed, args.max_items, args.overwrite,
-                  command)  # fmt: skip
+                  command, train_overrides(args))  # fmt: skip
         if n:
             check_vae(args.output, n, cache_dir(args.output))
     elif args.family == "module":

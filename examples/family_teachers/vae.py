@@ -113,10 +113,12 @@ def latent_statistics(latents: torch.Tensor) -> dict:
 
 
 def train_vae(kind: str, size_name: str, out: Path, seed: int, max_items: int | None, overwrite: bool,
-              command: str) -> Path:  # fmt: skip
-    """Train the `kind` autoencoder on the train split and write its folder (weights, latents, info)."""
+              command: str, train_overrides: dict | None = None) -> Path:  # fmt: skip
+    """Train the `kind` autoencoder on the train split and write its folder (weights, latents, info);
+    `train_overrides` replaces fields of the size's training settings (steps, batch_size, lr)."""
     refuse_existing(out, overwrite)
     size = vae_size(kind, size_name)
+    size = dataclasses.replace(size, train=dataclasses.replace(size.train, **(train_overrides or {})))
     data = fashion_split("train", max_items)
     images = data.images  # uint8 [N, 1, 32, 32]
     torch.manual_seed(seed)
