@@ -10,13 +10,12 @@ One torchrun launch runs all 2-process jobs (imports dominate their time); its l
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import REPO, tree
+from conftest import REPO, free_port, tree
 from safetensors.torch import load_file
 from tiny_pipelines import save_captioned_images, save_class_images, save_tiny
 
@@ -24,12 +23,6 @@ from scm_distill.checkpoint import list_checkpoints
 from scm_distill.config import resolve
 from scm_distill.sharded_checkpoint import read_sharded_tensors
 from scm_distill.trainer import distill
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(jobs: list[dict], folder) -> subprocess.CompletedProcess:
