@@ -33,7 +33,7 @@ demo: $(STAMP)
 
 # Two pytest workers, one torch thread each (a file's tests stay on one worker, so its module fixtures are built
 # once): most of the suite is imports, subprocess start-up and tiny models. On the 2-core build machine (2026-12-03)
-# the 443 tests took 11.0 minutes so, against more than 26 in one process at 2 threads.
+# the 443 tests took 11.0 minutes, against more than 26 in one process at 2 threads.
 test: $(STAMP) data
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile
 

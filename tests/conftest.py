@@ -50,6 +50,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_two_processes(worker: str, *args: str, timeout: int) -> subprocess.CompletedProcess:
+    """torchrun of tests/<worker> on 2 CPU processes (gloo, one thread each) at a free rendezvous port."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(REPO / "tests" / worker), *args]  # fmt: skip
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
 def tree(folder: Path) -> list[str]:
     """Every path under a folder (empty list if it does not exist) - to check nothing was written."""
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) if folder.exists() else []

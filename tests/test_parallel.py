@@ -8,14 +8,12 @@ One torchrun launch runs all 2-process jobs (imports dominate their time); its l
 """
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import REPO, free_port, tree
+from conftest import run_two_processes, tree
 from safetensors.torch import load_file
 from tiny_pipelines import save_captioned_images, save_class_images, save_tiny
 
@@ -29,10 +27,7 @@ def torchrun(jobs: list[dict], folder) -> subprocess.CompletedProcess:
     """Run tests/fsdp_worker.py on 2 CPU processes with these jobs."""
     spec = folder / f"jobs-{len(list(folder.glob('jobs-*')))}.json"
     spec.write_text(json.dumps(jobs))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(REPO / "tests" / "fsdp_worker.py"), str(spec)]  # fmt: skip
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    return run_two_processes("fsdp_worker.py", str(spec), timeout=900)
 
 
 def rank0_error(done: subprocess.CompletedProcess) -> str:

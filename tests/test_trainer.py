@@ -1,13 +1,10 @@
 """The training loop end to end on a tiny teacher: exact resume, two-process DDP, export, non-finite steps."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import REPO, free_port, save_tiny_pipeline, tree
+from conftest import run_two_processes, save_tiny_pipeline, tree
 from safetensors.torch import load_file
 
 from scm_distill.config import resolve
@@ -50,10 +47,7 @@ def test_run_dir_contents(tiny_teacher, tmp_path):
 
 def test_two_cpu_processes_keep_identical_replicas(tiny_teacher, tmp_path):
     """torchrun, 2 processes, gloo: after 2 sCD steps both ranks hold the same weights, which moved."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(REPO / "tests" / "ddp_worker.py"), str(tiny_teacher), str(tmp_path / "run"), str(tmp_path)]  # fmt: skip
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    done = run_two_processes("ddp_worker.py", str(tiny_teacher), str(tmp_path / "run"), str(tmp_path), timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     rank0, rank1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
     for key in rank0:
