@@ -5,17 +5,21 @@ so `torch.func.jvp` through a teacher fails with them; only the MATH backend wor
 `jvp_attention(...)` around the JVP call only - the gradient forward/backward keeps the fused kernels:
 
     "math"  : SDPA restricted to SDPBackend.MATH; diffusers' dispatcher set to "_native_math".
-    "fused" : every F.scaled_dot_product_attention call in the context goes to the Triton flash-attention
-              JVP kernel (scm_distill.kernels.flash_attention_jvp) through a TorchFunctionMode scoped to the
-              context (no monkeypatching); diffusers' dispatcher is set to "native" so that its models call
-              SDPA. Calls the kernel cannot express (dropout, causal, a mask that varies over queries, GQA,
-              a mask with a tangent, unsupported dtype / head dim) run SDPA under MATH instead. Tensors off
-              CUDA use MATH unless TRITON_INTERPRET=1 was set before the kernel module was imported (tests).
-    "auto"  : "fused" when Triton is importable (CUDA tensors take the kernel, others MATH), else "math".
+    "fused" : every F.scaled_dot_product_attention call in the context is routed through a TorchFunctionMode
+              scoped to the context (no monkeypatching): CUDA tensors to the Triton flash-attention JVP kernel
+              (scm_distill.kernels.flash_attention_jvp), CPU tensors to the blocked torch JVP
+              (scm_distill.kernels.blocked_attention_jvp, ~4x faster than MATH on 2 cores at 528 tokens);
+              diffusers' dispatcher is set to "native" so that its models call SDPA. Calls neither can express
+              (dropout, causal, a mask that varies over queries, GQA, a mask with a tangent, unsupported dtype /
+              head dim, other devices) run SDPA under MATH instead. CPU tensors take the Triton kernel instead
+              when TRITON_INTERPRET=1 was set before the kernel module was imported (tests). Raises without Triton.
+    "auto"  : the same routing; CUDA tensors take MATH where Triton is not importable.
 
-Models whose attention processor was pinned to another diffusers backend (`set_attention_backend("flash")`)
-bypass the context's dispatcher setting; the bmm + softmax `AttnProcessor` is JVP-safe as it is. The mode
-adds one Python call per torch function inside the context (it must see each one to find SDPA).
+The compiled JVP (compiled_jvp.py) keeps CPU tensors on MATH (`blocked_cpu=False`), which Dynamo captures in one
+graph; the routed kernels are autograd.Functions it does not. Models whose attention processor was pinned to another
+diffusers backend (`set_attention_backend("flash")`) bypass the context's dispatcher setting; the bmm + softmax
+`AttnProcessor` is JVP-safe as it is. The mode adds one Python call per torch function inside the context (it must
+see each one to find SDPA).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
 from .errors import UserError
+from .kernels.blocked_attention_jvp import blocked_attention
 
 AttentionMode = Literal["auto", "fused", "math"]
 ATTENTION_MODES: tuple[str, ...] = ("auto", "fused", "math")
@@ -91,50 +96,53 @@ def _sdpa_arguments(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=
     return query, key, value, attn_mask, dropout_p, is_causal, scale
 
 
-def _kernel_can_run(kernels, q: torch.Tensor, force: bool) -> bool:
-    if q.is_cuda:
-        return True
-    return force and kernels.INTERPRET
+def _kernel_for(q: torch.Tensor, kernels, force: bool, blocked_cpu: bool):
+    # The JVP kernel this call's device takes: "triton", "blocked" or None (SDPA under MATH).
+    if kernels is not None and (q.is_cuda or (force and kernels.INTERPRET and q.device.type == "cpu")):
+        return "triton"
+    if blocked_cpu and q.device.type == "cpu":
+        return "blocked"
+    return None
 
 
-def _fused_sdpa(kernels, force: bool, args: tuple, kwargs: dict) -> torch.Tensor | None:
-    # The kernel's output for this SDPA call, or None when the call must run as SDPA (MATH) instead.
+def _fused_sdpa(kernels, force: bool, blocked_cpu: bool, args: tuple, kwargs: dict) -> torch.Tensor | None:
+    # The routed kernel's output for this SDPA call, or None when the call must run as SDPA (MATH) instead.
     try:
         q, k, v, attn_mask, dropout_p, is_causal, scale = _sdpa_arguments(*args, **kwargs)
     except TypeError:  # an argument this routing does not know: leave the call to SDPA
         return None
-    if dropout_p != 0.0 or is_causal or not _kernel_can_run(kernels, q, force):
+    kernel = _kernel_for(q, kernels, force, blocked_cpu)
+    if kernel is None or dropout_p != 0.0 or is_causal:
         return None
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or q.shape[:2] != k.shape[:2] or k.shape != v.shape:
         return None
-    if (
-        q.shape[3] != k.shape[3]
-        or q.shape[3] > kernels.MAX_HEAD_DIM
-        or q.dtype not in kernels.SUPPORTED_DTYPES
-    ):
+    if q.shape[3] != k.shape[3] or k.dtype != q.dtype or v.dtype != q.dtype or not q.is_floating_point():
         return None
-    if k.dtype != q.dtype or v.dtype != q.dtype:
+    if kernel == "triton" and (q.shape[3] > kernels.MAX_HEAD_DIM or q.dtype not in kernels.SUPPORTED_DTYPES):
         return None
     bias = None
     if attn_mask is not None:
         bias = key_bias_from_sdpa_mask(attn_mask, q.shape, k.shape[2])
         if bias is None or (attn_mask.is_floating_point() and _has_tangent(attn_mask)):
             return None
-    return kernels.flash_attention(q, k, v, scale=scale, key_bias=bias)
+    if kernel == "triton":
+        return kernels.flash_attention(q, k, v, scale=scale, key_bias=bias)
+    return blocked_attention(q, k, v, scale=scale, key_bias=bias)
 
 
 class _FusedAttentionJVPMode(TorchFunctionMode):
-    """Routes F.scaled_dot_product_attention to the fused JVP kernel; every other call passes through."""
+    """Routes F.scaled_dot_product_attention to the JVP kernels; every other call passes through."""
 
-    def __init__(self, kernels, force: bool) -> None:
+    def __init__(self, kernels, force: bool, blocked_cpu: bool) -> None:
         super().__init__()
-        self.kernels = kernels
+        self.kernels = kernels  # the Triton module, or None
         self.force = force  # "fused" was asked for explicitly (allows the CPU interpreter)
+        self.blocked_cpu = blocked_cpu
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is _SDPA:
-            out = _fused_sdpa(self.kernels, self.force, args, kwargs)
+            out = _fused_sdpa(self.kernels, self.force, self.blocked_cpu, args, kwargs)
             if out is not None:
                 return out
         return func(*args, **kwargs)
@@ -168,13 +176,14 @@ def _diffusers_backend(name: str):
 
 
 @contextlib.contextmanager
-def jvp_attention(mode: AttentionMode = "auto") -> Iterator[None]:
+def jvp_attention(mode: AttentionMode = "auto", *, blocked_cpu: bool = True) -> Iterator[None]:
     """Make attention forward-mode differentiable inside the block; enter it around the JVP call only.
 
     Args:
-        mode: "math" (SDPA MATH backend everywhere), "fused" (Triton flash-attention JVP kernel for every SDPA
-            call it can express, MATH for the rest; raises if Triton is missing) or "auto" ("fused" where
-            Triton is importable, else "math"). See the module docstring for the exact routing.
+        mode: "math" (SDPA MATH backend everywhere), "fused" (the Triton kernel for CUDA tensors, the blocked
+            kernel for CPU tensors, MATH for the rest; raises if Triton is missing) or "auto" (the same, CUDA
+            tensors on MATH where Triton is not importable). See the module docstring for the exact routing.
+        blocked_cpu: route CPU tensors to the blocked kernel (False: MATH, as the compiled JVP needs).
     """
     if mode not in ATTENTION_MODES:
         raise UserError(f"attention mode must be one of {ATTENTION_MODES}; got {mode!r}.")
@@ -183,11 +192,11 @@ def jvp_attention(mode: AttentionMode = "auto") -> Iterator[None]:
         raise RuntimeError('jvp_attention("fused") needs triton; install it or use mode="auto" / "math".')
     with contextlib.ExitStack() as stack:
         stack.enter_context(sdpa_kernel(SDPBackend.MATH))  # fallbacks and non-routed calls stay JVP-safe
-        if kernels is None:
+        if mode == "math" or (kernels is None and not blocked_cpu):
             stack.enter_context(_diffusers_backend("_native_math"))
         else:
             stack.enter_context(_diffusers_backend("native"))  # its native backend calls SDPA, which we route
-            stack.enter_context(_FusedAttentionJVPMode(kernels, force=mode == "fused"))
+            stack.enter_context(_FusedAttentionJVPMode(kernels, force=mode == "fused", blocked_cpu=blocked_cpu))
         yield
 
 

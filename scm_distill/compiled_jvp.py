@@ -75,5 +75,5 @@ def compiled_jvp_of_F(model, x: Tensor, t: Tensor, v_x: Tensor, v_t: Tensor, con
         backend: a torch.compile backend, by name or callable ("inductor" generates kernels; "aot_eager" only
             traces).
     """
-    with torch.no_grad(), jvp_attention(attention):
+    with torch.no_grad(), jvp_attention(attention, blocked_cpu=False):  # CPU on MATH: one graph
         return _compiled(backend)(model, x, t, v_x, v_t, condition)

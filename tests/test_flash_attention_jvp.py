@@ -1,10 +1,10 @@
-"""Fused flash-attention JVP (METHOD.md §6) and its dispatch, `scm_distill.attention`.
+"""The attention JVP kernels (METHOD.md §6) - fused Triton, blocked CPU - and their dispatch, `scm_distill.attention`.
 
-Reference everywhere: torch.func.jvp of softmax(scale q k^T + bias) v in float64. The Triton kernel runs on
-CPU through Triton's interpreter, which must be switched on (TRITON_INTERPRET=1) before triton is imported; so
-that the switch cannot leak into other test modules, every interpreter case runs in ONE subprocess that runs
-this file as a script (see `_interpreter_main`) and prints a JSON report; the parametrized tests read it.
-GPU tests (marker `gpu`) run in-process on CUDA and are skipped without it.
+Reference everywhere: torch.func.jvp of softmax(scale q k^T + bias) v in float64. The blocked CPU kernel runs
+in-process. The Triton kernel runs on CPU through Triton's interpreter, which must be switched on
+(TRITON_INTERPRET=1) before triton is imported; so that the switch cannot leak into other test modules, every
+interpreter case runs in ONE subprocess that runs this file as a script (see `_interpreter_main`) and prints a JSON
+report; the parametrized tests read it. GPU tests (marker `gpu`) run in-process on CUDA and are skipped without it.
 """
 
 from __future__ import annotations
@@ -289,7 +289,7 @@ def test_context_is_scoped_and_fused_backends_stay_on_outside(mode):
     assert not fused_dispatch_active()
     with jvp_attention(mode):
         assert _fused_sdpa_flags() == (False, False, False)  # only MATH inside
-        assert fused_dispatch_active() == (mode == "auto" and fused_kernel_available())
+        assert fused_dispatch_active() == (mode == "auto")  # CPU tensors take the blocked kernel, Triton or not
     assert _fused_sdpa_flags() == before
     assert not fused_dispatch_active()
 
@@ -305,9 +305,25 @@ def test_cpu_sdpa_has_no_forward_ad_outside_the_context():
     assert relative_error(out, y) < 1e-5 and relative_error(t_out, t_y) < 1e-5
 
 
+@pytest.fixture
+def blocked_launches(monkeypatch):
+    """Counts the blocked kernel's launches (so a routed case cannot pass by falling back to MATH)."""
+    from scm_distill.kernels import blocked_attention_jvp as blocked
+
+    calls = {"tangent": 0, "primal": 0}
+    launch = blocked._launch
+
+    def counting_launch(*args):
+        calls["tangent" if args[8] is not None else "primal"] += 1
+        return launch(*args)
+
+    monkeypatch.setattr(blocked, "_launch", counting_launch)
+    return calls
+
+
 @pytest.mark.parametrize("mode", ["auto", "fused"])
-def test_cpu_tensors_fall_back_to_math_without_interpreter(mode):
-    # In this process TRITON_INTERPRET is not set, so CPU tensors must take MATH even when "fused" is forced.
+def test_cpu_tensors_take_the_blocked_kernel_without_interpreter(mode, blocked_launches):
+    # In this process TRITON_INTERPRET is not set, so CPU tensors take the blocked kernel, also when "fused" is forced.
     if not fused_kernel_available() and mode == "fused":
         pytest.skip("triton is not installed")
     from scm_distill.attention import _kernels
@@ -318,6 +334,92 @@ def test_cpu_tensors_fall_back_to_math_without_interpreter(mode):
     out, t_out = jvp(F.scaled_dot_product_attention, (q, k, v), (tq, tk, tv), attention=mode)
     y, t_y = reference_jvp((q, k, v), (tq, tk, tv))
     assert relative_error(out, y) < 1e-5 and relative_error(t_out, t_y) < 1e-5
+    assert blocked_launches == {"tangent": 1, "primal": 0}
+
+
+def test_math_mode_and_the_compiled_jvp_keep_cpu_tensors_on_math(blocked_launches):
+    (q, k, v), (tq, tk, tv) = random_problem(1, 2, 9, 7, 16, torch.float32)
+    jvp(F.scaled_dot_product_attention, (q, k, v), (tq, tk, tv), attention="math")
+    with torch.no_grad(), jvp_attention("auto", blocked_cpu=False):  # as compiled_jvp.py enters it
+        out, t_out = torch.func.jvp(F.scaled_dot_product_attention, (q, k, v), (tq, tk, tv))
+    y, t_y = reference_jvp((q, k, v), (tq, tk, tv))
+    assert relative_error(out, y) < 1e-5 and relative_error(t_out, t_y) < 1e-5
+    assert blocked_launches == {"tangent": 0, "primal": 0}
+
+
+# name -> (B, H, Lq, Lk, D, dtype, key padding mask, tangents present for (q, k, v)); BLOCK_ELEMENTS is set to 64
+# logits, so every case runs several blocks of (batch x head) slices and of query rows, with ragged last blocks.
+BLOCKED_CASES = {
+    "self_L37_d32_fp32": (2, 3, 37, 37, 32, "fp32", False, (True, True, True)),
+    "cross_Lq5_Lk9_fp32": (3, 2, 5, 9, 8, "fp32", False, (True, True, True)),
+    "cross_Lq37_Lk50_bf16": (1, 2, 37, 50, 32, "bf16", False, (True, True, True)),
+    "self_L21_fp16": (1, 2, 21, 21, 16, "fp16", False, (True, True, True)),
+    "key_padding_mask_fp32": (2, 2, 19, 33, 16, "fp32", True, (True, True, True)),
+    "absent_tk_tv": (1, 2, 17, 23, 16, "fp32", False, (True, False, False)),
+    "absent_tq": (1, 2, 17, 23, 16, "fp32", False, (False, True, True)),
+    "only_tv": (1, 2, 17, 23, 16, "fp32", False, (False, False, True)),
+}
+
+
+@pytest.mark.parametrize("name", list(BLOCKED_CASES))
+def test_blocked_kernel_matches_math_jvp(name, monkeypatch):
+    from scm_distill.kernels import blocked_attention_jvp as blocked
+
+    monkeypatch.setattr(blocked, "BLOCK_ELEMENTS", 64)
+    B, H, Lq, Lk, D, dtype_name, masked, present = BLOCKED_CASES[name]
+    dtype = DTYPES[dtype_name]
+    primals, tangents = random_problem(B, H, Lq, Lk, D, dtype)
+    tangents = tuple(t if keep else None for t, keep in zip(tangents, present, strict=True))
+    keep = _key_padding(B, Lk) if masked else None
+    bias = None if keep is None else _bias_of(keep)
+    out, t_out = blocked.blocked_attention_jvp(*primals, *tangents, key_bias=None if bias is None else bias[:, :, 0])
+    y, t_y = reference_jvp(primals, tangents, bias)
+    assert out.dtype == dtype and t_out.dtype == dtype
+    assert relative_error(out, y) <= TOLERANCE[dtype] and relative_error(t_out, t_y) <= TOLERANCE[dtype]
+
+
+def test_blocked_kernel_gives_zero_for_fully_masked_rows_and_float64_exactly():
+    # SDPA's MATH backend (its NaN-safe softmax) gives 0 for a query whose keys are all masked; so must the kernel.
+    from scm_distill.kernels.blocked_attention_jvp import blocked_attention_jvp
+
+    (q, k, v), (tq, tk, tv) = random_problem(2, 1, 6, 5, 8, torch.float64)
+    bias = torch.zeros(2, 1, 5, dtype=torch.float64)
+    bias[1] = -math.inf  # every key of the second sample masked
+    out, t_out = blocked_attention_jvp(q, k, v, tq, tk, tv, key_bias=bias)
+    assert out.dtype == torch.float64 and torch.equal(out[1], torch.zeros_like(out[1]))
+    assert torch.equal(t_out[1], torch.zeros_like(t_out[1]))
+    y, t_y = reference_jvp((q[:1], k[:1], v[:1]), (tq[:1], tk[:1], tv[:1]))
+    assert relative_error(out[:1], y) < 1e-12 and relative_error(t_out[:1], t_y) < 1e-12
+
+
+def test_blocked_routing_takes_masks_and_fills_primals_without_tangent(blocked_launches):
+    # The dispatcher's bool key mask through SDPA; a second call whose keys and values (an encoder's) and query
+    # carry no tangent runs one primal-only launch; the output equals plain attention.
+    (q, k, v), (tq, tk, tv) = random_problem(2, 2, 23, 31, 32, torch.float32, seed=6)
+    keep = _key_padding(2, 31, seed=6)
+    mask = keep[:, None, None, :]
+
+    def f(q, k, v):
+        constant = F.scaled_dot_product_attention(q.detach() * 0 + 1, k.detach(), v.detach())  # no tangent
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask), constant
+
+    (out, constant), (t_out, t_constant) = jvp(f, (q, k, v), (tq, tk, tv), attention="auto")
+    y, t_y = reference_jvp((q, k, v), (tq, tk, tv), _bias_of(keep))
+    assert relative_error(out, y) < 1e-5 and relative_error(t_out, t_y) < 1e-5
+    assert torch.allclose(constant, math_attention(torch.ones_like(q), k, v), atol=1e-6)
+    assert torch.count_nonzero(t_constant) == 0
+    assert blocked_launches == {"tangent": 1, "primal": 1}
+
+
+def test_unet_jvp_through_the_blocked_kernel_equals_math(blocked_launches):
+    pytest.importorskip("diffusers")
+    model = tiny_unet(torch.float32)
+    x, tx, t = unet_problem(torch.float32)
+    f = lambda x: model(x, t).sample  # noqa: E731
+    y_math, ty_math = jvp(f, (x,), (tx,), attention="math")
+    y_auto, ty_auto = jvp(f, (x,), (tx,), attention="auto")
+    assert relative_error(y_auto, y_math.double()) < 1e-5 and relative_error(ty_auto, ty_math.double()) < 1e-5
+    assert blocked_launches["tangent"] >= 1
 
 
 def test_unknown_mode_is_rejected():
