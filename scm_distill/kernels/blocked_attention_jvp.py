@@ -47,6 +47,10 @@ def _block(q, k, v, tq, tk, tv, bias, scale: float) -> tuple[Tensor, Tensor | No
     return y, t_y
 
 
+def _part(t: Tensor | None, index, dtype: torch.dtype) -> Tensor | None:
+    return None if t is None else t[index].to(dtype)
+
+
 def _launch(q, k, v, tq, tk, tv, bias, out, tout, scale: float) -> None:
     # jvp_function.py's launch contract: fills out (and tout when given) in place.
     B, H, Lq, D = q.shape
@@ -55,22 +59,21 @@ def _launch(q, k, v, tq, tk, tv, bias, out, tout, scale: float) -> None:
     flat = lambda t: None if t is None else t.reshape(B * H, t.shape[2], D)  # noqa: E731
     q, k, v, tq, tk, tv = map(flat, (q, k, v, tq, tk, tv))
     bias = None if bias is None else bias.reshape(B * H, 1, Lk)
-    out_flat, tout_flat = out.view(B * H, Lq, D), None if tout is None else tout.view(B * H, Lq, D)
+    out, tout = (None if t is None else t.view(B * H, Lq, D) for t in (out, tout))
     if tout is None:
         tq = tk = tv = None
     rows = max(1, min(Lq, BLOCK_ELEMENTS // Lk))  # query rows per block
     slices = max(1, BLOCK_ELEMENTS // (rows * Lk))  # (batch x head) slices per block
     for i in range(0, B * H, slices):
         n = slice(i, i + slices)
-        keys = [None if t is None else t[n].to(dtype) for t in (k, v, tk, tv)]
-        block_bias = None if bias is None else bias[n]
+        k_n, v_n, tk_n, tv_n = (_part(t, n, dtype) for t in (k, v, tk, tv))
+        bias_n = None if bias is None else bias[n]
         for j in range(0, Lq, rows):
-            m = slice(j, j + rows)
-            queries = [None if t is None else t[n, m].to(dtype) for t in (q, tq)]
-            y, t_y = _block(queries[0], keys[0], keys[1], queries[1], keys[2], keys[3], block_bias, scale)
-            out_flat[n, m] = y
-            if tout_flat is not None:
-                tout_flat[n, m] = t_y
+            nm = (n, slice(j, j + rows))
+            y, t_y = _block(_part(q, nm, dtype), k_n, v_n, _part(tq, nm, dtype), tk_n, tv_n, bias_n, scale)
+            out[nm] = y
+            if tout is not None:
+                tout[nm] = t_y
 
 
 def _check_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
