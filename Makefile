@@ -32,8 +32,9 @@ demo: $(STAMP)
 	$(BIN)/scm-distill demo --output demo-output
 
 # Two pytest workers, one torch thread each (a file's tests stay on one worker, so its module fixtures are built
-# once): most of the suite is imports, subprocess start-up and tiny models. On the 2-core build machine (2026-12-03)
-# the 443 tests took 11.0 minutes, against more than 26 in one process at 2 threads.
+# once): most of the suite is imports, subprocess start-up and tiny models. On the 2-core build machine, alone, the
+# 455 tests took 14.4 minutes (2026-12-03; 443 took 11.0 the day before), against more than 26 in one process at 2
+# threads.
 test: $(STAMP) data
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile
 
