@@ -16,9 +16,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 from diffusers import DiffusionPipeline
-from family_teachers.data import CAPTIONS, balanced_labels
+from family_teachers.check import generate, pipeline_sampler
+from family_teachers.data import CAPTIONS
 
 from scm_distill.metrics.classifier import class_accuracy
 
@@ -27,19 +27,17 @@ BATCH = 50
 
 def scales(text: str) -> list[float]:
     values = [float(v) for v in text.split(",")]
-    if not values or any(not np.isfinite(v) or v < 1 for v in values):
+    if any(not np.isfinite(v) or v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"guidance scales must be finite and at least 1, got {text!r}")
     return values
 
 
-def sample(pipe, labels: torch.Tensor, guidance_scale: float, size: int) -> torch.Tensor:
-    """uint8 [N, 3, size, size] from the export's 2-step call, batch i seeded with i."""
-    images = []
-    for i, batch in enumerate(labels.split(BATCH)):
-        out = pipe(prompt=[CAPTIONS[c] for c in batch], num_inference_steps=2, guidance_scale=guidance_scale,
-                   height=size, width=size, generator=torch.Generator().manual_seed(i), output_type="np").images
-        images.append(torch.from_numpy((out * 255).round().astype(np.uint8)).permute(0, 3, 1, 2))
-    return torch.cat(images)
+def accuracy_at(pipe, guidance_scale: float, samples: int, size: int) -> float:
+    """Class accuracy of the export's 2-step call at one guidance scale (the benchmark's balanced, seeded batches)."""
+    call = lambda labels: {"prompt": [CAPTIONS[c] for c in labels], "guidance_scale": guidance_scale,  # noqa: E731
+                           "height": size, "width": size}  # fmt: skip
+    images, labels = generate(pipeline_sampler(pipe, call, 2), samples, BATCH)
+    return class_accuracy(images, labels)
 
 
 def main() -> None:
@@ -55,10 +53,8 @@ def main() -> None:
     if args.samples <= 0 or args.samples % len(CAPTIONS):
         sys.exit(f"error: --samples must be a positive multiple of {len(CAPTIONS)}, got {args.samples}.")
     pipe = DiffusionPipeline.from_pretrained(args.export, trust_remote_code=True)
-    pipe.set_progress_bar_config(disable=True)
-    labels = balanced_labels(args.samples)
     for s in args.scales:
-        line = {"guidance_scale": s, "accuracy": class_accuracy(sample(pipe, labels, s, args.size), labels),
+        line = {"guidance_scale": s, "accuracy": accuracy_at(pipe, s, args.samples, args.size),
                 "num_samples": args.samples, "steps": 2, "export": str(args.export)}  # fmt: skip
         with args.output.open("a") as f:
             f.write(json.dumps(line) + "\n")
